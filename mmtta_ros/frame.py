@@ -1,0 +1,70 @@
+"""
+The one frame type every source produces: generator, bag reader, nuScenes loader, node.
+
+A frame is one LiDAR sweep paired with the camera image closest in time, plus the
+calibration that relates them. Everything downstream (projection, segmenter, adaptation,
+scoring) reads frames and nothing else.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+# nuScenes-lidarseg classes of the xMUDA journal version (method brief section 2).
+CLASS_NAMES: Tuple[str, ...] = (
+    'vehicle', 'driveable_surface', 'sidewalk', 'terrain', 'manmade', 'vegetation',
+)
+# RGB per class, from the nuScenes-lidarseg colour map, so clouds look familiar in RViz.
+CLASS_PALETTE: np.ndarray = np.array([
+    [255, 158, 0],    # vehicle: orange
+    [0, 207, 191],    # driveable_surface: cyan
+    [75, 0, 75],      # sidewalk: purple
+    [112, 180, 60],   # terrain: light green
+    [222, 184, 135],  # manmade: burlywood
+    [0, 175, 0],      # vegetation: green
+], dtype=np.uint8)
+# Label of points that have no class (outside the six, or unlabeled); torch's CE default.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Frame:
+    """
+    One LiDAR sweep, the matching camera image and their calibration.
+
+    image:            <np.uint8: H, W, 3> RGB, as the segmenter sees it (already resized)
+    points_lidar:     <np.float32: N, 3> x, y, z in the LiDAR frame, metres
+    K:                <np.float64: 3, 3> intrinsics of `image` (scaled with any resize)
+    T_cam_from_lidar: <np.float64: 4, 4> maps LiDAR-frame points into the camera frame
+    stamp_lidar_ns:   LiDAR sweep time, integer nanoseconds
+    stamp_image_ns:   image time, integer nanoseconds
+    intensity:        <np.float32: N> LiDAR return intensity, or None
+    labels:           <np.int64: N> class index into CLASS_NAMES, IGNORE_INDEX where
+                      unknown; None for unlabeled target data
+    lidar_frame_id:   the LiDAR's frame_id (output clouds are published in it)
+    sequence:         name of the sequence / scene the frame comes from
+    index:            position of the frame in that sequence
+    """
+
+    image: np.ndarray
+    points_lidar: np.ndarray
+    K: np.ndarray
+    T_cam_from_lidar: np.ndarray
+    stamp_lidar_ns: int = 0
+    stamp_image_ns: int = 0
+    intensity: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    lidar_frame_id: str = 'lidar'
+    sequence: str = ''
+    index: int = 0
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """Return (width, height) of the image in pixels."""
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+    @property
+    def num_points(self) -> int:
+        """Return the number of LiDAR points."""
+        return int(self.points_lidar.shape[0])

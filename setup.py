@@ -1,0 +1,32 @@
+"""ament_python setup for mmtta_ros."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = 'mmtta_ros'
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(exclude=['test', 'test.*']),
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name + '/launch', glob('launch/*')),
+        ('share/' + package_name + '/config', glob('config/*')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='mmtta_ros developers',
+    maintainer_email='mmtta-ros@example.org',
+    description='Online multi-modal test-time adaptation (MM-TTA) of a camera+LiDAR '
+                'segmenter, as a ROS 2 node.',
+    license='Apache-2.0',
+    tests_require=['pytest'],
+    entry_points={
+        'console_scripts': [
+            'sensor_core_benchmark = mmtta_ros.tools.sensor_core_benchmark:main',
+        ],
+    },
+)
