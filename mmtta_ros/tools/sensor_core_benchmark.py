@@ -52,7 +52,7 @@ def _messages():
 
 
 def _street_like_jpeg(width=1600, height=900) -> bytes:
-    """A jpeg with texture (noise over gradients), so it compresses like a real photo."""
+    """Make a jpeg with texture (noise over gradients), so it compresses like a photo."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument('--repeats', type=int, default=200)
     args = parser.parse_args(argv)
     figures = run(args.repeats)
-    print(f'sensor core benchmark, median of {args.repeats} runs, messages: {figures.pop("flavour")}')
+    flavour = figures.pop('flavour')
+    print(f'sensor core benchmark, median of {args.repeats} runs, messages: {flavour}')
     for name, seconds in figures.items():
         print(f'  {name:<58} {seconds * 1e3:9.3f} ms')
     return 0
