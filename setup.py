@@ -23,7 +23,7 @@ setup(
     description='Online multi-modal test-time adaptation (MM-TTA) of a camera+LiDAR '
                 'segmenter, as a ROS 2 node.',
     license='Apache-2.0',
-    tests_require=['pytest'],
+    extras_require={'test': ['pytest']},
     entry_points={
         'console_scripts': [
             'sensor_core_benchmark = mmtta_ros.tools.sensor_core_benchmark:main',
