@@ -27,6 +27,9 @@ setup(
     entry_points={
         'console_scripts': [
             'sensor_core_benchmark = mmtta_ros.tools.sensor_core_benchmark:main',
+            'tta_benchmark = mmtta_ros.tools.tta_benchmark:main',
+            'mmtta_train = mmtta_ros.tools.train:main',
+            'mmtta_evaluate = mmtta_ros.tools.evaluate:main',
         ],
     },
 )

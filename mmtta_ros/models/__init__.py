@@ -1,0 +1,19 @@
+"""The dual-branch 2D + 3D segmenter (xMUDA network) and its parts."""
+
+from mmtta_ros.models.segmenter import (
+    build_segmenter,
+    DualBranchSegmenter,
+    make_segmenter_input,
+    SegmenterConfig,
+    SegmenterInput,
+    SegmenterOutput,
+)
+
+__all__ = [
+    'build_segmenter',
+    'DualBranchSegmenter',
+    'make_segmenter_input',
+    'SegmenterConfig',
+    'SegmenterInput',
+    'SegmenterOutput',
+]

@@ -1,0 +1,239 @@
+"""
+The dual-branch (camera + LiDAR) segmenter of xMUDA: config, input/output types, builder.
+
+Both branches emit logits for the same M points (the in-view points of a batch of
+frames), so their predictions can be compared and averaged point by point.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmtta_ros.errors import SensorDataError
+from mmtta_ros.frame import Frame
+from mmtta_ros.models.resnet_unet import load_torchvision_resnet, Net2DSeg
+from mmtta_ros.models.sparse_unet import Net3DSeg
+
+# Defaults of the size-dependent fields. 'xmuda' is the paper's network (ResNet34 U-Net,
+# SCN U-Net m=16 with 7 levels); 'tiny' keeps the same structure but trains on a CPU.
+SIZE_PRESETS: Dict[str, Dict[str, Any]] = {
+    'xmuda': dict(channels_2d=(64, 128, 256, 512), blocks_2d=(3, 4, 6, 3), stem_stride_2d=1,
+                  m_3d=16, levels_3d=7),
+    'tiny': dict(channels_2d=(16, 32, 64, 128), blocks_2d=(1, 1, 1, 1), stem_stride_2d=1,
+                 m_3d=8, levels_3d=5),
+}
+
+
+@dataclass
+class SegmenterConfig:
+    """
+    Size and hyper-parameters of the segmenter; plain types only (checkpoint-safe).
+
+    Fields left as None take the value of the `size` preset (SIZE_PRESETS).
+    voxel_size is in metres (0.05 = xMUDA's scale 20); full_scale in voxels per axis.
+    """
+
+    size: str = 'tiny'
+    num_classes: int = 6
+    voxel_size: float = 0.05
+    full_scale: int = 4096
+    dropout_2d: float = 0.4
+    channels_2d: Optional[Tuple[int, ...]] = None
+    blocks_2d: Optional[Tuple[int, ...]] = None
+    stem_stride_2d: Optional[int] = None
+    m_3d: Optional[int] = None
+    levels_3d: Optional[int] = None
+    block_reps_3d: int = 1
+    residual_3d: bool = True
+
+    def __post_init__(self):
+        if self.size not in SIZE_PRESETS:
+            raise ValueError(f'unknown segmenter size {self.size!r}; '
+                             f'choose one of {sorted(SIZE_PRESETS)}')
+        for name, value in SIZE_PRESETS[self.size].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.channels_2d = tuple(int(c) for c in self.channels_2d)
+        self.blocks_2d = tuple(int(b) for b in self.blocks_2d)
+        if len(self.channels_2d) != 4 or len(self.blocks_2d) != 4:
+            raise ValueError('channels_2d and blocks_2d need 4 entries (ResNet stages), got '
+                             f'{self.channels_2d} and {self.blocks_2d}')
+        if self.num_classes < 1 or self.voxel_size <= 0 or not 0 <= self.dropout_2d < 1:
+            raise ValueError('need num_classes >= 1, voxel_size > 0, 0 <= dropout_2d < 1; got '
+                             f'{self.num_classes}, {self.voxel_size}, {self.dropout_2d}')
+
+    def to_dict(self) -> Dict[str, Any]:
+        """All fields as plain Python types (tuples become lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> 'SegmenterConfig':
+        """Inverse of `to_dict`; missing keys take their defaults, unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f'unknown SegmenterConfig keys {unknown}; known: {sorted(known)}')
+        return cls(**values)
+
+
+@dataclass
+class SegmenterInput:
+    """
+    One batch of B frames; the M points are the in-view points of all frames.
+
+    images:      <float32: B, 3, H, W> RGB scaled to [0, 1] (the model normalises)
+    pixels:      <int64: M, 2> (u = column, v = row) of each point, inside the image
+    batch_index: <int64: M> frame of each point, sorted ascending
+    points:      <float32: M, 3> LiDAR-frame xyz of the same points, metres
+    """
+
+    images: torch.Tensor
+    pixels: torch.Tensor
+    batch_index: torch.Tensor
+    points: torch.Tensor
+
+    @property
+    def num_frames(self) -> int:
+        """Return B, the number of frames (images) in the batch."""
+        return int(self.images.shape[0])
+
+    def to(self, device) -> 'SegmenterInput':
+        """Return the same batch on `device`."""
+        return SegmenterInput(self.images.to(device), self.pixels.to(device),
+                              self.batch_index.to(device), self.points.to(device))
+
+
+@dataclass
+class SegmenterOutput:
+    """
+    Per-point logits of both branches, and the features their classifiers read.
+
+    logits_2d, logits_3d: <float32: M, C>
+    features_2d: <float32: M, C2d> (U-Net output at the point's pixel)
+    features_3d: <float32: M, C3d> (sparse U-Net output of the point's voxel)
+    """
+
+    logits_2d: torch.Tensor
+    logits_3d: torch.Tensor
+    features_2d: Optional[torch.Tensor] = None
+    features_3d: Optional[torch.Tensor] = None
+
+    def probs_2d3d(self) -> torch.Tensor:
+        """Return the 2D+3D ensemble: mean of the two softmaxes, <float32: M, C>."""
+        return (self.logits_2d.softmax(dim=1) + self.logits_3d.softmax(dim=1)) / 2
+
+    def prediction_2d3d(self) -> torch.Tensor:
+        """Return the class of the 2D+3D ensemble, <int64: M>."""
+        return self.probs_2d3d().argmax(dim=1)
+
+
+class DualBranchSegmenter(nn.Module):
+    """Camera branch + LiDAR branch, each with its own classifier, on the same points."""
+
+    def __init__(self, net_2d: Net2DSeg, net_3d: Net3DSeg):
+        super().__init__()
+        self.net_2d = net_2d
+        self.net_3d = net_3d
+
+    def forward(self, inputs: SegmenterInput) -> SegmenterOutput:
+        """Per-point logits of both branches for a batch."""
+        _check_input(inputs)
+        features_2d = self.net_2d.point_features(inputs.images, inputs.pixels,
+                                                 inputs.batch_index)
+        features_3d = self.net_3d.point_features(inputs.points, inputs.batch_index,
+                                                 inputs.num_frames)
+        return SegmenterOutput(
+            logits_2d=self.net_2d.classifier(features_2d),
+            logits_3d=self.net_3d.classifier(features_3d),
+            features_2d=features_2d,
+            features_3d=features_3d,
+        )
+
+
+def build_segmenter(config: SegmenterConfig,
+                    resnet_weights_path: Optional[str] = None) -> DualBranchSegmenter:
+    """
+    Build the segmenter `config` describes, optionally with torchvision ResNet weights.
+
+    resnet_weights_path: a torchvision-format ResNet state dict (e.g. ImageNet resnet34
+    for size 'xmuda') loaded into the 2D encoder.
+    """
+    net_2d = Net2DSeg(num_classes=config.num_classes, channels=config.channels_2d,
+                      blocks=config.blocks_2d, stem_stride=config.stem_stride_2d,
+                      dropout=config.dropout_2d)
+    if resnet_weights_path:
+        load_torchvision_resnet(net_2d.unet.encoder, resnet_weights_path)
+    net_3d = Net3DSeg(num_classes=config.num_classes, m=config.m_3d, levels=config.levels_3d,
+                      block_reps=config.block_reps_3d, residual=config.residual_3d,
+                      voxel_size=config.voxel_size, full_scale=config.full_scale)
+    return DualBranchSegmenter(net_2d, net_3d)
+
+
+def make_segmenter_input(frames: Sequence[Frame], in_view_masks: Sequence[np.ndarray],
+                         pixels_list: Sequence[np.ndarray], device) -> SegmenterInput:
+    """
+    Batch frames for the segmenter: stack images, keep in-view points, round pixels.
+
+    frames:        B frames whose images all have the same size
+    in_view_masks: per frame <bool: N> points that project into the image
+    pixels_list:   per frame <float32: N, 2> projected (u, v), pixel centres at integers
+    Pixels are rounded to the nearest pixel and clipped into the image. Raises
+    SensorDataError (a ValueError) for mismatched sizes or shapes.
+    """
+    if not frames:
+        raise ValueError('make_segmenter_input needs at least one frame')
+    if not len(frames) == len(in_view_masks) == len(pixels_list):
+        raise ValueError(f'got {len(frames)} frames, {len(in_view_masks)} masks and '
+                         f'{len(pixels_list)} pixel arrays; need one of each per frame')
+    image_shape = frames[0].image.shape
+    if len(image_shape) != 3 or image_shape[2] != 3:
+        raise SensorDataError(f'images must be (H, W, 3) RGB, got {image_shape}')
+    height, width = image_shape[:2]
+    pixels_kept, points_kept = [], []
+    for i, (frame, mask, pixels) in enumerate(zip(frames, in_view_masks, pixels_list)):
+        if frame.image.shape != image_shape:
+            raise SensorDataError(
+                f'frame {i} image is {frame.image.shape}, frame 0 image is {image_shape}: '
+                'a batch needs images of one size (resize them first)')
+        num_points = frame.points_lidar.shape[0]
+        mask = np.asarray(mask)
+        pixels = np.asarray(pixels)
+        if mask.shape != (num_points,) or mask.dtype != np.bool_:
+            raise SensorDataError(f'frame {i}: in-view mask must be bool ({num_points},), got '
+                                  f'{mask.dtype} {mask.shape}')
+        if pixels.shape != (num_points, 2):
+            raise SensorDataError(f'frame {i}: pixels must be ({num_points}, 2), '
+                                  f'got {pixels.shape}')
+        pixels_in_view = pixels[mask]
+        if not np.isfinite(pixels_in_view).all():
+            raise SensorDataError(f'frame {i}: non-finite pixel coordinates of in-view points')
+        pixels_kept.append(np.clip(np.rint(pixels_in_view), 0, [width - 1, height - 1]))
+        points_kept.append(frame.points_lidar[mask])
+    batch_index = np.repeat(np.arange(len(frames), dtype=np.int64),
+                            [p.shape[0] for p in points_kept])
+    images = np.stack([frame.image for frame in frames])
+    # Move the uint8 images and convert there: 4x less to copy to a GPU.
+    images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
+    return SegmenterInput(
+        images=images.contiguous(),
+        pixels=torch.from_numpy(np.concatenate(pixels_kept).astype(np.int64)).to(device),
+        batch_index=torch.from_numpy(batch_index).to(device),
+        points=torch.from_numpy(np.concatenate(points_kept).astype(np.float32)).to(device),
+    )
+
+
+def _check_input(inputs: SegmenterInput) -> None:
+    """Raise ValueError naming the field whose shape does not fit the others."""
+    images, pixels = inputs.images, inputs.pixels
+    num_points = inputs.points.shape[0]
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f'images must be (B, 3, H, W), got {tuple(images.shape)}')
+    if inputs.points.shape != (num_points, 3):
+        raise ValueError(f'points must be (M, 3), got {tuple(inputs.points.shape)}')
+    if pixels.shape != (num_points, 2) or inputs.batch_index.shape != (num_points,):
+        raise ValueError(f'pixels must be ({num_points}, 2) and batch_index ({num_points},), '
+                         f'got {tuple(pixels.shape)} and {tuple(inputs.batch_index.shape)}')

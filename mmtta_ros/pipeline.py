@@ -1,0 +1,137 @@
+"""
+The ROS-free per-frame pipeline: frames in, per-point labels out, adapting as it goes.
+
+The node, the offline scorer and the tests all drive this one class, so what is scored
+offline is exactly what the node publishes.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mmtta_ros.frame import Frame, IGNORE_INDEX
+from mmtta_ros.models.segmenter import make_segmenter_input, SegmenterInput
+from mmtta_ros.sensors.projection import project_points
+
+
+@dataclass
+class FrameResult:
+    """
+    What the pipeline made of one frame.
+
+    in_view:        <bool: N> points that project into the image (the only ones labeled)
+    prediction_2d:  <np.int64: M> 2D-branch class per in-view point (M = in_view.sum())
+    prediction_3d:  <np.int64: M> 3D-branch class per in-view point
+    prediction:     <np.int64: M> 2D+3D class (argmax of the averaged softmaxes)
+    confidence:     <np.float32: M> averaged softmax probability of `prediction`
+    pixels:         <np.float32: M, 2> (u, v) of the in-view points in the frame's image
+    stats:          the adaptation method's numbers for this step (loss, entropy, ...)
+    """
+
+    in_view: np.ndarray
+    prediction_2d: np.ndarray
+    prediction_3d: np.ndarray
+    prediction: np.ndarray
+    confidence: np.ndarray
+    pixels: np.ndarray
+    stats: dict
+
+    def labels_full(self) -> np.ndarray:
+        """Return <np.int64: N> 2D+3D class per input point, IGNORE_INDEX out of view."""
+        labels = np.full(self.in_view.shape, IGNORE_INDEX, dtype=np.int64)
+        labels[self.in_view] = self.prediction
+        return labels
+
+    def confidence_full(self) -> np.ndarray:
+        """Return <np.float32: N> confidence per input point, 0 out of view."""
+        confidence = np.zeros(self.in_view.shape, dtype=np.float32)
+        confidence[self.in_view] = self.confidence
+        return confidence
+
+
+def frames_to_input(frames: Sequence[Frame], device: torch.device,
+                    min_depth: float = 1.0) -> Tuple[SegmenterInput, List[np.ndarray]]:
+    """Project each frame's points and stack the in-view ones into one SegmenterInput."""
+    in_view_masks, pixels_list = [], []
+    for frame in frames:
+        projection = project_points(frame.points_lidar, frame.T_cam_from_lidar, frame.K,
+                                    frame.image_size, min_depth=min_depth)
+        in_view_masks.append(projection.in_view)
+        pixels_list.append(projection.pixels)
+    inputs = make_segmenter_input(list(frames), in_view_masks, pixels_list, device)
+    return inputs, in_view_masks
+
+
+class SegmentationPipeline:
+    """
+    Runs an adaptation method over a stream of frames, one frame at a time.
+
+    A batch is the last `batch_frames` frames (the online protocol of the paper); the
+    method adapts once per call and the prediction returned is the one for the newest
+    frame of the batch.
+    """
+
+    def __init__(self, method, device: torch.device, batch_frames: int = 1,
+                 min_depth: float = 1.0):
+        if batch_frames < 1:
+            raise ValueError(f'batch_frames must be >= 1, got {batch_frames}')
+        self.method = method
+        self.device = torch.device(device)
+        self.batch_frames = int(batch_frames)
+        self.min_depth = float(min_depth)
+        self._window: Deque[Frame] = deque(maxlen=self.batch_frames)
+
+    def reset_window(self) -> None:
+        """Forget buffered frames (after a time jump: they belong to another stretch)."""
+        self._window.clear()
+
+    def process(self, frame: Frame) -> FrameResult:
+        """Adapt on the window ending with `frame` and return the labels of `frame`."""
+        self._window.append(frame)
+        frames = list(self._window)
+        inputs, in_view_masks = frames_to_input(frames, self.device, self.min_depth)
+        output = self.method.step(inputs)
+        newest = inputs.batch_index == len(frames) - 1
+        with torch.no_grad():
+            probs = output.probs_2d3d()[newest]
+            confidence, prediction = probs.max(dim=1)
+            prediction_2d = output.logits_2d[newest].argmax(dim=1)
+            prediction_3d = output.logits_3d[newest].argmax(dim=1)
+        return FrameResult(
+            in_view=in_view_masks[-1],
+            prediction_2d=_numpy(prediction_2d),
+            prediction_3d=_numpy(prediction_3d),
+            prediction=_numpy(prediction),
+            confidence=_numpy(confidence).astype(np.float32),
+            pixels=_numpy(inputs.pixels[newest]).astype(np.float32),
+            stats=dict(getattr(self.method, 'stats', {}) or {}),
+        )
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def select_device(name: str = 'auto') -> torch.device:
+    """Turn 'auto' | 'cuda' | 'cpu' into a torch.device; 'cuda' without a GPU is an error."""
+    name = str(name).lower()
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise ValueError('device cuda requested but torch sees no CUDA device; '
+                             'use auto or cpu')
+        return torch.device(name)
+    if name == 'cpu':
+        return torch.device('cpu')
+    raise ValueError(f'unknown device {name!r}; use auto, cuda or cpu')
+
+
+def labels_in_view(frame: Frame, result: FrameResult) -> Optional[np.ndarray]:
+    """Return the frame's ground-truth labels of the in-view points, or None if unlabeled."""
+    if frame.labels is None:
+        return None
+    return np.asarray(frame.labels)[result.in_view]
