@@ -30,6 +30,7 @@ setup(
             'tta_benchmark = mmtta_ros.tools.tta_benchmark:main',
             'mmtta_train = mmtta_ros.tools.train:main',
             'mmtta_evaluate = mmtta_ros.tools.evaluate:main',
+            'mmtta_adapt = mmtta_ros.node:main',
         ],
     },
 )

@@ -79,6 +79,9 @@ pip_install() {
 }
 # shellcheck disable=SC2086
 pip_install $requirements
+nodeps="$(grep -E '\[no-deps\]' "$repo/requirements.txt" | sed -E 's/[[:space:]]*#.*$//')"
+# shellcheck disable=SC2086
+[ -z "$nodeps" ] || pip_install --no-deps $nodeps
 # The package itself, editable, so the console scripts point at this checkout.
 pip_install --no-deps --no-build-isolation -e "$repo"
 

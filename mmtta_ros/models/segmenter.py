@@ -18,11 +18,13 @@ from mmtta_ros.models.resnet_unet import load_torchvision_resnet, Net2DSeg
 from mmtta_ros.models.sparse_unet import Net3DSeg
 
 # Defaults of the size-dependent fields. 'xmuda' is the paper's network (ResNet34 U-Net,
-# SCN U-Net m=16 with 7 levels); 'tiny' keeps the same structure but trains on a CPU.
+# SCN U-Net m=16 with 7 levels); 'tiny' keeps the same structure but trains on a CPU: fewer
+# channels and blocks, a stride-2 stem (the encoder runs at half resolution; the decoder
+# still upsamples to full size) and a 5-level 3D U-Net with m=8.
 SIZE_PRESETS: Dict[str, Dict[str, Any]] = {
     'xmuda': dict(channels_2d=(64, 128, 256, 512), blocks_2d=(3, 4, 6, 3), stem_stride_2d=1,
                   m_3d=16, levels_3d=7),
-    'tiny': dict(channels_2d=(16, 32, 64, 128), blocks_2d=(1, 1, 1, 1), stem_stride_2d=1,
+    'tiny': dict(channels_2d=(16, 32, 64, 128), blocks_2d=(1, 1, 1, 1), stem_stride_2d=2,
                  m_3d=8, levels_3d=5),
 }
 

@@ -169,11 +169,22 @@ def resize_image(image_rgb: np.ndarray, K: np.ndarray,
         return image_rgb, K.copy()
     resized = np.asarray(
         PILImage.fromarray(image_rgb).resize((width, height), PILImage.BILINEAR))
-    sx, sy = width / src_width, height / src_height
-    K_resized = K.copy()
-    K_resized[0, 0] *= sx
-    K_resized[0, 1] *= sx
-    K_resized[1, 1] *= sy
-    K_resized[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
-    K_resized[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
-    return resized, K_resized
+    return resized, scale_intrinsics(K, (src_width, src_height), (width, height))
+
+
+def scale_intrinsics(K: np.ndarray, from_size: Tuple[int, int],
+                     to_size: Tuple[int, int]) -> np.ndarray:
+    """
+    Return <np.float64: 3, 3> K of an image resized from `from_size` to `to_size`.
+
+    Sizes are (width, height). Pixel-centre convention: pixel i covers [i, i+1), so the
+    principal point maps as (c + 0.5) * s - 0.5.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    scaled = K.copy()
+    scaled[0, :2] *= sx
+    scaled[1, :2] *= sy
+    scaled[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
+    scaled[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+    return scaled

@@ -6,6 +6,7 @@ from pathlib import Path
 import sys
 
 import numpy as np
+import torch
 import yaml
 
 from mmtta_ros.checkpoint import load_model_checkpoint
@@ -44,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--cache-dir', default='data/cache')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--json', help='write the full report here')
+    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
     return parser
 
 
 def main(argv=None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     params = parse_assignments(args.params)
     reports = []

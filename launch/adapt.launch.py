@@ -1,0 +1,60 @@
+"""Launch the mmtta_adapt node (and optionally RViz) with parameters from a YAML file."""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+# Launch arguments that override a parameter of the YAML file when they are not empty.
+OVERRIDES = {
+    'device': ('device', str),
+    'method': ('adaptation.method', str),
+    'checkpoint': ('model.checkpoint', str),
+}
+
+
+def _adapt_node(context):
+    overrides = {'use_sim_time': LaunchConfiguration('use_sim_time').perform(context) == 'true'}
+    for argument, (parameter, kind) in OVERRIDES.items():
+        value = LaunchConfiguration(argument).perform(context)
+        if value:
+            overrides[parameter] = kind(value)
+    remappings = [
+        ('~/input/image', LaunchConfiguration('image_topic').perform(context)),
+        ('~/input/camera_info', LaunchConfiguration('camera_info_topic').perform(context)),
+        ('~/input/points', LaunchConfiguration('points_topic').perform(context)),
+    ]
+    return [Node(
+        package='mmtta_ros', executable='mmtta_adapt', name='mmtta_adapt', output='screen',
+        parameters=[LaunchConfiguration('params_file').perform(context), overrides],
+        remappings=remappings, emulate_tty=True)]
+
+
+def generate_launch_description():
+    """Describe the arguments, the node and RViz."""
+    share = get_package_share_directory('mmtta_ros')
+    return LaunchDescription([
+        DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config',
+                                                                        'adapt.yaml'),
+                              description='YAML with the node parameters'),
+        DeclareLaunchArgument('use_sim_time', default_value='true',
+                              description='follow /clock (true when replaying bags)'),
+        DeclareLaunchArgument('device', default_value='',
+                              description='auto, cuda or cpu (empty: from the YAML)'),
+        DeclareLaunchArgument('method', default_value='',
+                              description='adaptation method (empty: from the YAML)'),
+        DeclareLaunchArgument('checkpoint', default_value='',
+                              description='source checkpoint .pt (empty: from the YAML)'),
+        DeclareLaunchArgument('image_topic', default_value='/CAM_FRONT/image_rect_compressed'),
+        DeclareLaunchArgument('camera_info_topic', default_value='/CAM_FRONT/camera_info'),
+        DeclareLaunchArgument('points_topic', default_value='/LIDAR_TOP'),
+        DeclareLaunchArgument('rviz', default_value='false', description='start RViz too'),
+        OpaqueFunction(function=_adapt_node),
+        Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
+             arguments=['-d', os.path.join(share, 'config', 'mmtta.rviz')],
+             condition=IfCondition(LaunchConfiguration('rviz'))),
+    ])
