@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job. It grows with the project; see README "The demo".
+# The main job: the node adapting live on a synthetic night drive (see README "The demo").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${VENV:-$PWD/.venv}/bin/python"
-"$py" -m mmtta_ros.tools.sensor_core_benchmark
+export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+"$py" -m mmtta_ros.tools.demo "$@"

@@ -1,0 +1,51 @@
+"""mmtta_nuscenes_to_bag: convert nuScenes scenes (night ones by default) to ROS 2 bags."""
+
+import argparse
+import sys
+
+from mmtta_ros.bags.nuscenes_convert import convert, DEFAULT_VERSION, SceneConversion
+from mmtta_ros.bags.writer import STORAGES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--dataroot', required=True,
+                        help='nuScenes root (holds the version folder, samples/, sweeps/)')
+    parser.add_argument('--version', default=DEFAULT_VERSION)
+    parser.add_argument('--scenes', nargs='+', metavar='NAME',
+                        help='scene names (e.g. scene-1077); default: every night scene')
+    parser.add_argument('--output-dir', required=True, help='one bag per scene is written here')
+    parser.add_argument('--storage', default='mcap', choices=sorted(STORAGES))
+    parser.add_argument('--keyframes-only', action='store_true',
+                        help='2 Hz keyframes only (default: every 20 Hz sweep, 12 Hz image)')
+    parser.add_argument('--no-tf', action='store_true',
+                        help='leave out odom -> base_link on /tf (ego poses)')
+    return parser
+
+
+def _report(summary: SceneConversion) -> None:
+    counts = ', '.join(f'{topic} {count}' for topic, count in summary.message_counts.items())
+    print(f'{summary.scene} ({summary.description}): {summary.path} '
+          f'[{summary.storage}, {summary.size_bytes / 1e6:.1f} MB, '
+          f'{summary.wall_seconds:.1f} s] {counts}', flush=True)
+    if summary.unlabeled_keyframes:
+        print(f'  {summary.unlabeled_keyframes} keyframe sweeps have no lidarseg labels',
+              flush=True)
+
+
+def main(argv=None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    try:
+        convert(args.dataroot, args.output_dir, version=args.version, scene_names=args.scenes,
+                storage=args.storage, keyframes_only=args.keyframes_only,
+                with_tf=not args.no_tf, progress=_report)
+    except (ImportError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

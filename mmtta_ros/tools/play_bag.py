@@ -1,0 +1,56 @@
+"""mmtta_play_bag: play a rosbag2 bag (mcap or sqlite3) with rclpy where ros2 bag is missing."""
+
+import argparse
+import sys
+
+import rclpy
+from rclpy.executors import ExternalShutdownException
+
+from mmtta_ros.bags.playback import PlaybackOptions
+from mmtta_ros.bags.player import BagPlayer, format_summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('bag', help='bag directory (or a single .mcap / .db3 file)')
+    parser.add_argument('--rate', type=float, default=1.0, help='playback speed factor')
+    parser.add_argument('--loop', action='store_true', help='play again at the end, forever')
+    parser.add_argument('--start-offset', type=float, default=0.0, metavar='SECONDS',
+                        help='skip this much of the bag (latched topics are still sent)')
+    parser.add_argument('--topics', nargs='+', metavar='TOPIC',
+                        help='play only these topics (default: all)')
+    parser.add_argument('--clock-hz', type=float, default=40.0,
+                        help='/clock publications per second')
+    return parser
+
+
+def main(argv=None) -> int:
+    """Play the bag; Ctrl-C stops it cleanly. Prints what was published."""
+    args = build_parser().parse_args(argv)
+    try:
+        options = PlaybackOptions(rate=args.rate, loop=args.loop,
+                                  start_offset_s=args.start_offset, topics=args.topics,
+                                  clock_hz=args.clock_hz)
+    except ValueError as error:
+        raise SystemExit(f'mmtta_play_bag: {error}')
+    rclpy.init(args=None)
+    player = None
+    try:
+        player = BagPlayer(args.bag, options)
+        player.run()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (FileNotFoundError, ValueError) as error:
+        print(f'mmtta_play_bag: {error}', file=sys.stderr)
+        return 1
+    finally:
+        if player is not None:
+            print(format_summary(player.stats, player.skipped), flush=True)
+            player.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
