@@ -2,7 +2,7 @@
 
 import os
 
-from ament_index_python.packages import get_package_share_directory
+from ament_index_python.packages import get_package_share_directory, PackageNotFoundError
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
@@ -36,7 +36,10 @@ def _adapt_node(context):
 
 def generate_launch_description():
     """Describe the arguments, the node and RViz."""
-    share = get_package_share_directory('mmtta_ros')
+    try:
+        share = get_package_share_directory('mmtta_ros')
+    except PackageNotFoundError:  # run from a source checkout, not an installed workspace
+        share = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return LaunchDescription([
         DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config',
                                                                         'adapt.yaml'),

@@ -17,9 +17,7 @@ from mmtta_ros.errors import SensorDataError
 from mmtta_ros.frame import Frame
 from mmtta_ros.overlay import draw_points
 from mmtta_ros.pipeline import FrameResult, SegmentationPipeline
-from mmtta_ros.sensors.image import (
-    camera_info_to_intrinsics, compressed_image_to_rgb, image_to_rgb, resize_image,
-    scale_intrinsics)
+from mmtta_ros.sensors.image import decode_image
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, encode_labeled_cloud, LabeledCloudBuffer
 
 
@@ -68,15 +66,7 @@ class AdaptationCore:
             raise SensorDataError('no camera_info received yet: cannot project points')
         if self.T_cam_from_lidar is None:
             raise SensorDataError('no LiDAR->camera transform: set calibration.T_cam_from_lidar')
-        intrinsics = camera_info_to_intrinsics(info_msg)
-        if self.compressed:
-            image = compressed_image_to_rgb(image_msg, draft_size=self.image_size)
-        else:
-            image = image_to_rgb(image_msg)
-        # camera_info describes the full-size image; a draft jpeg decode may be smaller.
-        decoded_size = (image.shape[1], image.shape[0])
-        K = scale_intrinsics(intrinsics.K, intrinsics.image_size, decoded_size)
-        image, K = resize_image(image, K, self.image_size)
+        image, K = decode_image(image_msg, info_msg, self.image_size, raw=not self.compressed)
         cloud = cloud_to_numpy(cloud_msg)
         intensity = cloud.fields.get('intensity')
         return Frame(

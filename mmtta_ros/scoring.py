@@ -7,31 +7,41 @@ as the method is configured), compared with the frame's labels over in-view poin
 """
 
 import time
-from typing import Dict, Iterable, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
 from mmtta_ros.frame import CLASS_NAMES, Frame
 from mmtta_ros.metrics import ConfusionMatrix
-from mmtta_ros.pipeline import labels_in_view, SegmentationPipeline
+from mmtta_ros.pipeline import FrameResult, labels_in_view, SegmentationPipeline
 
 HEADS = ('2d', '3d', '2d3d')
 
 
 def score_stream(pipeline: SegmentationPipeline, frames: Iterable[Frame],
-                 class_names: Sequence[str] = CLASS_NAMES) -> Dict[str, object]:
-    """Run `pipeline` over `frames` in order; return mIoU per head and per-class IoU."""
+                 class_names: Sequence[str] = CLASS_NAMES,
+                 on_result: Optional[Callable[[Frame, FrameResult], None]] = None
+                 ) -> Dict[str, object]:
+    """
+    Run `pipeline` over `frames` in order; return mIoU per head and per-class IoU.
+
+    Every frame adapts the method; unlabeled frames (a real bag between keyframes) are
+    counted but not scored. on_result(frame, result) sees every result (to record it).
+    """
     matrices = {head: ConfusionMatrix(len(class_names)) for head in HEADS}
-    num_frames, started = 0, time.monotonic()
+    num_frames, unlabeled, started = 0, 0, time.monotonic()
     stats_sum: Dict[str, float] = {}
     for frame in frames:
         result = pipeline.process(frame)
+        if on_result is not None:
+            on_result(frame, result)
         labels = labels_in_view(frame, result)
         if labels is None:
-            raise ValueError(f'frame {frame.sequence}#{frame.index} has no labels to score')
-        matrices['2d'].update(labels, result.prediction_2d)
-        matrices['3d'].update(labels, result.prediction_3d)
-        matrices['2d3d'].update(labels, result.prediction)
+            unlabeled += 1
+        else:
+            matrices['2d'].update(labels, result.prediction_2d)
+            matrices['3d'].update(labels, result.prediction_3d)
+            matrices['2d3d'].update(labels, result.prediction)
         for key, value in result.stats.items():
             if isinstance(value, (int, float)) and np.isfinite(value):
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
@@ -39,6 +49,7 @@ def score_stream(pipeline: SegmentationPipeline, frames: Iterable[Frame],
     seconds = time.monotonic() - started
     return {
         'frames': num_frames,
+        'unlabeled_frames': unlabeled,
         'seconds': seconds,
         'miou': {head: matrices[head].miou() for head in HEADS},
         'per_class': {head: matrices[head].report(class_names) for head in HEADS},

@@ -114,3 +114,27 @@ def test_evaluate_tool_end_to_end(frames, tmp_path):
     assert report['method'] == 'tent' and report['params'] == {'lr_3d': 0.0005}
     assert report['streams'][0]['frames'] == 2
     assert set(report['miou_mean']) == {'2d', '3d', '2d3d'}
+
+
+def test_evaluate_reads_a_bag_and_writes_labeled_clouds(frames, tmp_path):
+    from mmtta_ros.bags.reader import read_clouds
+    from mmtta_ros.bags.writer import write_demo_bag
+
+    bag = tmp_path / 'night_bag'
+    write_demo_bag(bag, domain='night', seed=2, num_sweeps=8, image_size=(192, 108),
+                   render_size=(96, 54), lidar_azimuth_steps=300)
+    checkpoint = tmp_path / 'source.pt'
+    train_source(frames, SegmenterConfig(size='tiny'), TrainConfig(steps=1, batch_frames=1),
+                 checkpoint, torch.device('cpu'), progress=False)
+    out = tmp_path / 'report.json'
+    rc = evaluate.main(['--checkpoint', str(checkpoint), '--bag', str(bag), '--method',
+                        'mmtta', '--image-size', '96', '54', '--device', 'cpu',
+                        '--output-bag', str(tmp_path / 'labeled'), '--json', str(out)])
+    assert rc == 0
+    stream = json.loads(out.read_text())['streams'][0]
+    assert stream['frames'] >= 6 and stream['unlabeled_frames'] == 0
+    assert stream['per_class']['2d3d']['points'] > 0
+    clouds = list(read_clouds(tmp_path / 'labeled'))
+    assert len(clouds) == stream['frames']
+    stamp, frame_id, decoded = clouds[0]
+    assert frame_id == 'LIDAR_TOP' and 'label' in decoded.fields

@@ -22,9 +22,7 @@ from mmtta_ros.bags.topics import (
 from mmtta_ros.bags.transforms import build_tree, lookup_transform, TransformTree
 from mmtta_ros.errors import SensorDataError
 from mmtta_ros.frame import CLASS_NAMES, Frame, IGNORE_INDEX
-from mmtta_ros.sensors.image import (
-    camera_info_to_intrinsics, compressed_image_to_rgb, image_to_rgb, resize_image,
-    scale_intrinsics)
+from mmtta_ros.sensors.image import decode_image
 from mmtta_ros.sensors.pointcloud import cloud_structured_view, cloud_to_numpy, DecodedCloud
 from mmtta_ros.sensors.projection import check_transform
 
@@ -347,29 +345,6 @@ class _RecentByStamp:
             return self._items.get(stamp_ns)
         # Camera intrinsics are fixed: any recent camera_info describes the image.
         return self._items[min(self._items, key=lambda s: abs(s - stamp_ns))]
-
-
-def decode_image(image_msg, info_msg, image_size: Optional[Tuple[int, int]],
-                 raw: bool = False):
-    """
-    Decode an image message and resize it: <np.uint8: H, W, 3> RGB and its K <3, 3>.
-
-    raw: image_msg is a sensor_msgs/Image (else a CompressedImage). K comes from
-    `info_msg` (a CameraInfo for the full-size image) and is scaled with every size
-    change; image_size None keeps the decoded size.
-    """
-    intrinsics = camera_info_to_intrinsics(info_msg)
-    if raw:
-        image = image_to_rgb(image_msg)
-    else:
-        image = compressed_image_to_rgb(image_msg, draft_size=image_size)
-    # A draft jpeg decode is smaller than camera_info's size: scale K to what was decoded.
-    decoded_size = (int(image.shape[1]), int(image.shape[0]))
-    K = scale_intrinsics(intrinsics.K, intrinsics.image_size, decoded_size)
-    if image_size is None:
-        return np.ascontiguousarray(image), K
-    image, K = resize_image(image, K, image_size)
-    return np.ascontiguousarray(image), K
 
 
 def read_frames(path: PathLike, **kwargs) -> Iterator[Frame]:

@@ -188,3 +188,26 @@ def scale_intrinsics(K: np.ndarray, from_size: Tuple[int, int],
     scaled[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
     scaled[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
     return scaled
+
+
+def decode_image(image_msg, info_msg, image_size: Optional[Tuple[int, int]],
+                 raw: bool = False):
+    """
+    Decode an image message and resize it: <np.uint8: H, W, 3> RGB and its K <3, 3>.
+
+    raw: image_msg is a sensor_msgs/Image (else a CompressedImage). K comes from
+    `info_msg` (a CameraInfo for the full-size image) and is scaled with every size
+    change; image_size None keeps the decoded size.
+    """
+    intrinsics = camera_info_to_intrinsics(info_msg)
+    if raw:
+        image = image_to_rgb(image_msg)
+    else:
+        image = compressed_image_to_rgb(image_msg, draft_size=image_size)
+    # A draft jpeg decode is smaller than camera_info's size: scale K to what was decoded.
+    decoded_size = (int(image.shape[1]), int(image.shape[0]))
+    K = scale_intrinsics(intrinsics.K, intrinsics.image_size, decoded_size)
+    if image_size is None:
+        return np.ascontiguousarray(image), K
+    image, K = resize_image(image, K, image_size)
+    return np.ascontiguousarray(image), K

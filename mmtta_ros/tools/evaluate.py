@@ -1,4 +1,10 @@
-"""mmtta_evaluate: run a checkpoint over target streams online and print mIoU 2D / 3D / 2D+3D."""
+"""
+mmtta_evaluate: run a method online over target streams and print mIoU 2D / 3D / 2D+3D.
+
+Streams are generated synthetic sequences (--domain, --seeds) or rosbag2 bags (--bag,
+e.g. from mmtta_make_demo_bag or mmtta_nuscenes_to_bag); with --output-bag the labeled
+clouds of a bag run are written to a new bag. The same pipeline as the node, no DDS.
+"""
 
 import argparse
 import json
@@ -9,11 +15,16 @@ import numpy as np
 import torch
 import yaml
 
+from mmtta_ros.bags.reader import BagFrameReader
+from mmtta_ros.bags.writer import write_labeled_clouds
 from mmtta_ros.checkpoint import load_model_checkpoint
 from mmtta_ros.datasets import synthetic_frames
 from mmtta_ros.pipeline import SegmentationPipeline, select_device
 from mmtta_ros.protocol import IMAGE_SIZE, target_config, TARGET_FRAMES, TARGET_SEEDS
+from mmtta_ros.frame import CLASS_PALETTE
 from mmtta_ros.scoring import format_report, HEADS, score_stream
+from mmtta_ros.sensors.pointcloud import encode_labeled_cloud
+from mmtta_ros.sensors.projection import parse_extrinsics
 from mmtta_ros.tta import build_method, METHODS
 
 
@@ -46,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default='auto')
     parser.add_argument('--json', help='write the full report here')
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
+    parser.add_argument('--bag', nargs='+', help='score these rosbag2 bags instead of '
+                        'generated streams (labels from /LIDAR_TOP/labels where present)')
+    parser.add_argument('--extrinsics', type=float, nargs='+', metavar='V',
+                        help='T_cam_from_lidar (16 or 7 numbers) when a bag has no /tf_static')
+    parser.add_argument('--output-bag', help='with one --bag: write the labeled clouds here')
     return parser
 
 
@@ -56,30 +72,57 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     params = parse_assignments(args.params)
+    if args.output_bag and len(args.bag or []) != 1:
+        raise SystemExit('--output-bag needs exactly one --bag')
     reports = []
-    for seed in args.seeds:
+    for name, frames in _streams(args):
         # Each stream starts from the source model: adaptation never leaks across streams.
         model, _, _ = load_model_checkpoint(args.checkpoint, device)
         method = build_method(args.method, model, **params)
         pipeline = SegmentationPipeline(method, device, batch_frames=args.batch_frames)
-        frames = synthetic_frames(
-            [target_config(args.domain, seed, args.image_size, args.frames)], args.cache_dir)
-        report = score_stream(pipeline, frames)
-        report['seed'] = seed
+        recorded = []
+
+        def record(frame, result):
+            recorded.append((frame.stamp_lidar_ns, frame.lidar_frame_id, encode_labeled_cloud(
+                frame.points_lidar, result.labels_full(), result.confidence_full(),
+                frame.intensity, CLASS_PALETTE)))
+        report = score_stream(pipeline, frames, on_result=record if args.output_bag else None)
+        report['stream'] = name
         reports.append(report)
-        print(format_report(f'{args.method} on {args.domain} seed {seed}', report))
-    summary = {head: [100 * r['miou'][head] for r in reports] for head in HEADS}
-    line = ' / '.join(f'{np.mean(v):.1f}±{np.std(v):.1f}' for v in summary.values())
-    print(f'{args.method} on {args.domain}, {len(reports)} streams: mIoU 2D / 3D / 2D+3D = {line}')
+        print(format_report(f'{args.method} on {name}', report))
+        if report['frames'] == report['unlabeled_frames']:
+            print(f'  {name} has no ground-truth labels: nothing scored')
+        if args.output_bag:
+            count = write_labeled_clouds(args.output_bag, recorded)
+            print(f'  wrote {count} labeled clouds to {args.output_bag}')
+    summary = {head: [100 * r['miou'][head] for r in reports
+                      if r['frames'] > r['unlabeled_frames']] for head in HEADS}
+    line = ' / '.join(f'{np.mean(v):.1f}±{np.std(v):.1f}' if v else 'n/a'
+                      for v in summary.values())
+    source = 'bags' if args.bag else args.domain
+    print(f'{args.method} on {source}, {len(reports)} streams: mIoU 2D / 3D / 2D+3D = {line}')
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             'method': args.method, 'params': params, 'domain': args.domain,
             'checkpoint': str(args.checkpoint), 'streams': reports,
-            'miou_mean': {h: float(np.mean(v)) for h, v in summary.items()},
-            'miou_std': {h: float(np.std(v)) for h, v in summary.items()},
+            'miou_mean': {h: float(np.mean(v)) if v else None for h, v in summary.items()},
+            'miou_std': {h: float(np.std(v)) if v else None for h, v in summary.items()},
         }, indent=2))
     return 0
+
+
+def _streams(args):
+    """Yield (name, frames) of every stream the arguments ask for."""
+    if args.bag:
+        T = parse_extrinsics(args.extrinsics) if args.extrinsics else None
+        for path in args.bag:
+            yield Path(path).name, BagFrameReader(path, image_size=tuple(args.image_size),
+                                                  T_cam_from_lidar=T)
+        return
+    for seed in args.seeds:
+        yield f'{args.domain} seed {seed}', synthetic_frames(
+            [target_config(args.domain, seed, args.image_size, args.frames)], args.cache_dir)
 
 
 if __name__ == '__main__':
