@@ -32,6 +32,7 @@ setup(
             'mmtta_evaluate = mmtta_ros.tools.evaluate:main',
             'mmtta_adapt = mmtta_ros.node:main',
             'mmtta_demo = mmtta_ros.tools.demo:main',
+            'node_benchmark = mmtta_ros.tools.node_benchmark:main',
             'mmtta_make_demo_bag = mmtta_ros.tools.make_demo_bag:main',
             'mmtta_play_bag = mmtta_ros.tools.play_bag:main',
             'mmtta_nuscenes_to_bag = mmtta_ros.tools.nuscenes_to_bag:main',
