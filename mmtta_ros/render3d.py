@@ -6,7 +6,7 @@ import numpy as np
 
 
 def render_cloud(points_lidar: np.ndarray, colors: np.ndarray, path, size=(960, 540),
-                 eye=(-12.0, 0.0, 14.0), center=(18.0, 0.0, 0.0)) -> Path:
+                 eye=(-6.0, 0.0, 9.0), center=(16.0, 0.0, 0.0)) -> Path:
     """
     Render <float32: N, 3> points with <uint8: N, 3> colours to a PNG, chase-camera view.
 

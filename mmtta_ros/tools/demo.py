@@ -306,7 +306,19 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = (data / 'models' / 'source_tiny_day.pt').resolve()
     bag = (data / 'bags' / f'night_demo_s{args.seed}_{args.duration:.0f}s').resolve()
+    writer = None
+    if not (bag / 'metadata.yaml').is_file() and not checkpoint.is_file():
+        # Both are needed: render the bag in another process while this one trains (one
+        # core each), instead of one after the other.
+        _log(f'writing the night demo bag {bag} in the background (pid follows) ...')
+        writer = subprocess.Popen([
+            sys.executable, '-m', 'mmtta_ros.tools.make_demo_bag', str(bag), '--domain',
+            'night', '--seed', str(args.seed), '--duration', str(args.duration),
+            '--workers', '1'])
+        _log(f'bag writer pid {writer.pid}')
     ensure_source_model(checkpoint, data / 'cache', args.train_steps)
+    if writer is not None and writer.wait() != 0:
+        raise SystemExit(f'writing the demo bag failed (exit code {writer.returncode})')
     ensure_demo_bag(bag, args.seed, args.duration)
 
     env = dict(os.environ)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from mmtta_ros.bags.playback import read_topics
 from mmtta_ros.bags.reader import BagFrameReader
 from mmtta_ros.checkpoint import load_model_checkpoint
 from mmtta_ros.pipeline import SegmentationPipeline
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     node_step = float(diagnostics.get('step_ms', 'nan'))
     print(f'node benchmark: {args.method}, tiny model, demo bag {bag.name} at {args.rate}x, '
           f'CPU ({torch.get_num_threads()} threads)')
-    print(f'  sweeps published by the player      {live["sweeps_seen"]}')
+    in_bag = read_topics(bag)['/LIDAR_TOP'].message_count
+    print(f'  sweeps in the bag (20 Hz)            {in_bag}')
     print(f'  labeled clouds published by the node {live["outputs"]}  '
           f'(the rest dropped: the node labels the latest pair, never a backlog)')
     print(f'  pairs replaced before processing     {diagnostics.get("pairs_dropped_stale")}')
