@@ -229,3 +229,24 @@ def test_invalid_start_parameters_are_refused(frames):
                 Parameter('calibration.T_cam_from_lidar', value=[1.0, 2.0, 3.0])])
     finally:
         rclpy.try_shutdown(context=context)
+
+
+def test_far_stamps_rejected_and_time_jump_clears_queues(frames, tmp_path):
+    from dataclasses import replace
+
+    harness = Harness(frames, **{'max_stamp_skew': 5.0, 'reset.on_time_jump': True})
+    try:
+        counters = harness.node.counters
+        # The generator's stamps are far from this machine's clock: rejected, counted.
+        harness.send(frames[0])
+        harness.send(frames[1])
+        assert harness.spin_until(lambda: counters['rejected_messages'] >= 1, 30.0)
+        assert counters['frames_processed'] == 0
+        # A stamp 10 s older than the newest: a looping bag. Queues clear, adaptation resets.
+        back = replace(frames[2], stamp_lidar_ns=frames[2].stamp_lidar_ns - 10 ** 10,
+                       stamp_image_ns=frames[2].stamp_image_ns - 10 ** 10)
+        harness.send(back)
+        assert harness.spin_until(lambda: counters['time_jumps'] >= 1, 30.0)
+        assert counters['resets'] >= 1
+    finally:
+        harness.close()
