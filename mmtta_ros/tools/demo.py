@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument('--out-dir', default='runs/demo', help='results and pictures')
     parser.add_argument('--seed', type=int, default=100, help='night drive of the demo bag')
     parser.add_argument('--duration', type=float, default=20.0, help='bag length, seconds')
-    parser.add_argument('--rate', type=float, default=0.5, help='replay speed')
+    parser.add_argument('--rate', type=float, default=1.0, help='replay speed')
     parser.add_argument('--train-steps', type=int, default=300)
     parser.add_argument('--methods', nargs='+', default=['source', 'mmtta'])
     parser.add_argument('--momentum', type=float, default=0.9,
