@@ -19,11 +19,7 @@ from mmtta_ros.overlay import draw_points
 from mmtta_ros.pipeline import FrameResult, SegmentationPipeline
 from mmtta_ros.sensors.image import decode_image
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, encode_labeled_cloud, LabeledCloudBuffer
-
-
-def stamp_to_ns(stamp) -> int:
-    """builtin_interfaces/Time (sec, nanosec) to integer nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+from mmtta_ros.sensors.stamps import stamp_to_ns
 
 
 @dataclass

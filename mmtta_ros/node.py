@@ -23,13 +23,14 @@ from rcl_interfaces.msg import (
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_srvs.srv import Trigger
 
-from mmtta_ros.adapt_core import AdaptationCore, CoreOutput, stamp_to_ns
+from mmtta_ros.adapt_core import AdaptationCore, CoreOutput
 from mmtta_ros.checkpoint import load_model_checkpoint
 from mmtta_ros.errors import SensorDataError
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
 from mmtta_ros.node_config import build_config, check_value, PARAMETERS, ParamSpec
 from mmtta_ros.pipeline import SegmentationPipeline, select_device
 from mmtta_ros.sensors.pointcloud import make_pointcloud2
+from mmtta_ros.sensors.stamps import stamp_to_ns
 from mmtta_ros.sync import ApproximateSynchronizer, LatestSlot, TimeJump
 from mmtta_ros.tta import build_method, CollapseGuard
 

@@ -15,10 +15,10 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
-from mmtta_ros.adapt_core import stamp_to_ns  # noqa: E402
 from mmtta_ros.bags.reader import read_clouds  # noqa: E402
 from mmtta_ros.bags.writer import write_demo_bag  # noqa: E402
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, UNLABELED  # noqa: E402
+from mmtta_ros.sensors.stamps import stamp_to_ns  # noqa: E402
 from mmtta_ros.synth import T_CAM_FROM_LIDAR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ Nothing here imports rclpy.
 
 from dataclasses import dataclass
 import functools
-from typing import Tuple
 
 import numpy as np
 from rosbags.interfaces import (
@@ -18,6 +17,7 @@ from rosbags.interfaces import (
 from rosbags.typesys import get_typestore, Stores
 
 from mmtta_ros.sensors.pointcloud import CloudLayout, PointFieldSpec, UINT8
+from mmtta_ros.sensors.stamps import ns_to_sec_nanosec, stamp_to_ns  # noqa: F401 (re-exported)
 
 # Frame ids as the nuScenes converters write them.
 BASE_FRAME = 'base_link'
@@ -72,17 +72,6 @@ RESULT_QOS = make_qos(reliable=True, transient_local=False, depth=10)
 def bag_typestore():
     """Return the rosbags typestore of the project's ROS 2 distro (Kilted, as its wheels)."""
     return get_typestore(Stores.ROS2_KILTED)
-
-
-def stamp_to_ns(stamp) -> int:
-    """builtin_interfaces/Time (sec, nanosec) to integer nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
-def ns_to_sec_nanosec(stamp_ns: int) -> Tuple[int, int]:
-    """Integer nanoseconds to builtin_interfaces/Time (sec, nanosec), nanosec in [0, 1e9)."""
-    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-    return sec, nanosec
 
 
 def matrix_to_quaternion(R: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 
 from mmtta_ros.frame import CLASS_NAMES, CLASS_PALETTE
 from mmtta_ros.metrics import ConfusionMatrix
+from mmtta_ros.sensors.stamps import stamp_to_ns
 
 NODE_NAME = 'mmtta_adapt'
 
@@ -100,7 +101,6 @@ class LiveRecorder:
         self.bag_path = bag_path
 
     def _on_output(self, msg) -> None:
-        from mmtta_ros.adapt_core import stamp_to_ns
         self.output_arrivals[stamp_to_ns(msg.header.stamp)] = time.monotonic()
         self.outputs.append(msg)
 
@@ -116,7 +116,6 @@ class LiveRecorder:
                          if stamp in self.input_arrivals])
 
     def _on_labels(self, msg) -> None:
-        from mmtta_ros.adapt_core import stamp_to_ns
         self.ground_truth[stamp_to_ns(msg.header.stamp)] = msg
 
     def _on_overlay(self, msg) -> None:
@@ -129,7 +128,6 @@ class LiveRecorder:
 
     def score(self) -> Dict[str, object]:
         """Score every recorded output that has ground truth with the same stamp."""
-        from mmtta_ros.adapt_core import stamp_to_ns
         from mmtta_ros.bags.reader import labels_from_message
         from mmtta_ros.frame import IGNORE_INDEX
         from mmtta_ros.sensors.pointcloud import cloud_to_numpy, UNLABELED
@@ -154,7 +152,6 @@ class LiveRecorder:
         from rclpy.serialization import serialize_message
         from rosbags.rosbag2 import StoragePlugin, Writer
 
-        from mmtta_ros.adapt_core import stamp_to_ns
         from mmtta_ros.bags.topics import bag_typestore
 
         if self.bag_path.exists():
