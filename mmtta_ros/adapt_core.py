@@ -9,7 +9,7 @@ publishes what comes back.
 
 from dataclasses import dataclass
 import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -98,9 +98,3 @@ class AdaptationCore:
     def process_messages(self, image_msg, info_msg, cloud_msg) -> CoreOutput:
         """Decode and process one matched set (SensorDataError for bad input)."""
         return self.process_frame(self.frame_from_messages(image_msg, info_msg, cloud_msg))
-
-
-def counters_template() -> Dict[str, int]:
-    """Return the node's counters, all zero."""
-    return {'frames_processed': 0, 'pairs_dropped_stale': 0, 'rejected_messages': 0,
-            'time_jumps': 0, 'resets': 0, 'saves': 0}

@@ -5,9 +5,8 @@ The node, the offline scorer and the tests all drive this one class, so what is 
 offline is exactly what the node publishes.
 """
 
-from collections import deque
 from dataclasses import dataclass
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ import torch
 from mmtta_ros.frame import Frame, IGNORE_INDEX
 from mmtta_ros.models.segmenter import make_segmenter_input, SegmenterInput
 from mmtta_ros.sensors.projection import project_points
+from mmtta_ros.tta.window import FrameWindow
 
 
 @dataclass
@@ -76,13 +76,10 @@ class SegmentationPipeline:
 
     def __init__(self, method, device: torch.device, batch_frames: int = 1,
                  min_depth: float = 1.0):
-        if batch_frames < 1:
-            raise ValueError(f'batch_frames must be >= 1, got {batch_frames}')
         self.method = method
         self.device = torch.device(device)
-        self.batch_frames = int(batch_frames)
         self.min_depth = float(min_depth)
-        self._window: Deque[Frame] = deque(maxlen=self.batch_frames)
+        self._window: FrameWindow[Frame] = FrameWindow(batch_frames)
 
     def reset_window(self) -> None:
         """Forget buffered frames (after a time jump: they belong to another stretch)."""
@@ -90,8 +87,7 @@ class SegmentationPipeline:
 
     def process(self, frame: Frame) -> FrameResult:
         """Adapt on the window ending with `frame` and return the labels of `frame`."""
-        self._window.append(frame)
-        frames = list(self._window)
+        frames = self._window.push(frame)
         inputs, in_view_masks = frames_to_input(frames, self.device, self.min_depth)
         output = self.method.step(inputs)
         newest = inputs.batch_index == len(frames) - 1
