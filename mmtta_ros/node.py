@@ -9,6 +9,7 @@ Inputs (sensor-data QoS): ~/input/image (CompressedImage or Image), ~/input/came
 
 import threading
 import time
+import traceback
 from typing import Dict, List, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -27,7 +28,7 @@ from mmtta_ros.adapt_core import AdaptationCore, CoreOutput
 from mmtta_ros.checkpoint import load_model_checkpoint
 from mmtta_ros.errors import SensorDataError
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
-from mmtta_ros.node_config import build_config, check_value, PARAMETERS, ParamSpec
+from mmtta_ros.node_config import build_config, check_value, PARAMETERS, ParamSpec, SPECS
 from mmtta_ros.pipeline import SegmentationPipeline, select_device
 from mmtta_ros.sensors.pointcloud import make_pointcloud2
 from mmtta_ros.sensors.stamps import stamp_to_ns
@@ -69,7 +70,8 @@ class MMTTANode(Node):
 
         self.counters: Dict[str, int] = {
             'frames_processed': 0, 'pairs_dropped_stale': 0, 'rejected_messages': 0,
-            'time_jumps': 0, 'resets': 0, 'saves': 0, 'save_failures': 0}
+            'time_jumps': 0, 'resets': 0, 'saves': 0, 'save_failures': 0,
+            'step_failures': 0}
         self._received: Dict[str, List[float]] = {'image': [], 'points': []}
         self._latencies: List[float] = []
         self._step_times: List[float] = []
@@ -130,7 +132,11 @@ class MMTTANode(Node):
     def _build_method(self):
         checkpoint = self.config['model.checkpoint']
         if checkpoint:
-            model, _, _ = load_model_checkpoint(checkpoint, self.device)
+            model, model_config, _ = load_model_checkpoint(checkpoint, self.device)
+            if model_config.num_classes != len(self.config['classes.names']):
+                raise ValueError(
+                    f'{checkpoint} predicts {model_config.num_classes} classes but '
+                    f'classes.names lists {len(self.config["classes.names"])}')
         else:
             self.get_logger().warning(
                 'model.checkpoint is empty: running a randomly initialised '
@@ -153,6 +159,8 @@ class MMTTANode(Node):
         return method
 
     def _on_set_parameters(self, parameters: List[Parameter]) -> SetParametersResult:
+        # Parameters rclpy owns (use_sim_time, qos overrides) are not ours to check.
+        parameters = [p for p in parameters if p.name in SPECS]
         for parameter in parameters:
             value = parameter.value
             if isinstance(value, (tuple, np.ndarray)):
@@ -226,12 +234,20 @@ class MMTTANode(Node):
             if not self._stamp_acceptable(cloud_msg):
                 continue
             try:
+                frame = self.core.frame_from_messages(image_msg, self._camera_info, cloud_msg)
                 with self._method_lock:
-                    output = self.core.process_messages(image_msg, self._camera_info, cloud_msg)
+                    output = self.core.process_frame(frame)
             except SensorDataError as error:
                 self.counters['rejected_messages'] += 1
                 self.get_logger().warning(f'rejected input: {error}', throttle_duration_sec=5.0)
                 continue
+            except Exception:  # noqa: B902 - one failed step must not stop the node for good
+                self.counters['step_failures'] += 1
+                self.get_logger().error('adaptation step failed; frame skipped:\n'
+                                        + traceback.format_exc(), throttle_duration_sec=5.0)
+                continue
+            if not self._running or not self.context.ok():
+                break  # Ctrl-C arrived during the step: nothing to publish on any more
             self._publish(output, image_msg, cloud_msg)
             latency = time.monotonic() - received_at
             with self._stats_lock:
@@ -312,8 +328,10 @@ class MMTTANode(Node):
 
     def diagnostics_values(self) -> Dict[str, float]:
         """Return the figures /diagnostics reports (rates in Hz, times in ms)."""
+        now = time.monotonic()
         with self._stats_lock:
-            rates = {f'{key}_rate_hz': len(times) / RATE_WINDOW_S
+            # Count only the window: a sensor that stopped must show 0 Hz, not its last rate.
+            rates = {f'{key}_rate_hz': sum(t >= now - RATE_WINDOW_S for t in times) / RATE_WINDOW_S
                      for key, times in self._received.items()}
             latency = float(np.mean(self._latencies)) * 1e3 if self._latencies else float('nan')
             step = float(np.mean(self._step_times)) * 1e3 if self._step_times else float('nan')
@@ -330,7 +348,9 @@ class MMTTANode(Node):
     def _publish_diagnostics(self) -> None:
         values = self.diagnostics_values()
         status = DiagnosticStatus(name='mmtta_ros: adaptation', hardware_id='mmtta_adapt')
-        if values['frames_processed'] == 0:
+        if not self._worker.is_alive():
+            status.level, status.message = DiagnosticStatus.ERROR, 'the worker thread stopped'
+        elif values['frames_processed'] == 0:
             status.level, status.message = DiagnosticStatus.WARN, 'no frame processed yet'
         else:
             status.level, status.message = DiagnosticStatus.OK, (
@@ -342,9 +362,12 @@ class MMTTANode(Node):
         self.diagnostics_pub.publish(array)
 
     def shutdown(self) -> None:
-        """Stop the worker; save the adapted state if configured."""
+        """Stop the worker (its last step publishes nothing); save the state if configured."""
         self._running = False
-        self._worker.join(timeout=5.0)
+        self.slot.close()
+        self._worker.join(timeout=60.0)
+        if self._worker.is_alive():
+            self.get_logger().warning('the worker is still in a step after 60 s')
         if self.config['state.save_on_shutdown'] and self.config['state.save_path']:
             try:
                 self.get_logger().info(self.save_state())
@@ -361,7 +384,7 @@ def main(args=None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ValueError, FileNotFoundError) as error:  # bad parameters / checkpoint: say why
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config / files: say why
         rclpy.logging.get_logger('mmtta_adapt').fatal(str(error))
         return 2
     finally:

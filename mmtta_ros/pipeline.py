@@ -11,10 +11,15 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mmtta_ros.errors import SensorDataError
 from mmtta_ros.frame import Frame, IGNORE_INDEX
 from mmtta_ros.models.segmenter import make_segmenter_input, SegmenterInput
 from mmtta_ros.sensors.projection import project_points
 from mmtta_ros.tta.window import FrameWindow
+
+
+# Fewer in-view points than this and a frame is rejected (see SegmentationPipeline.process).
+MIN_POINTS_IN_VIEW = 64
 
 
 @dataclass
@@ -86,7 +91,21 @@ class SegmentationPipeline:
         self._window.clear()
 
     def process(self, frame: Frame) -> FrameResult:
-        """Adapt on the window ending with `frame` and return the labels of `frame`."""
+        """
+        Adapt on the window ending with `frame` and return the labels of `frame`.
+
+        SensorDataError if fewer than MIN_POINTS_IN_VIEW of its points project into the
+        image (a covered camera, a wrong extrinsic): batch norm in train mode needs more
+        than one value per channel, and so few points say nothing about the scene. A
+        rejected frame does not enter the window.
+        """
+        projection = project_points(frame.points_lidar, frame.T_cam_from_lidar, frame.K,
+                                    frame.image_size, min_depth=self.min_depth)
+        in_view = int(np.count_nonzero(projection.in_view))
+        if in_view < MIN_POINTS_IN_VIEW:
+            raise SensorDataError(
+                f'only {in_view} LiDAR points project into the image (need '
+                f'{MIN_POINTS_IN_VIEW}): camera covered, or T_cam_from_lidar / K wrong?')
         frames = self._window.push(frame)
         inputs, in_view_masks = frames_to_input(frames, self.device, self.min_depth)
         output = self.method.step(inputs)

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
+from mmtta_ros.errors import SensorDataError
 from mmtta_ros.frame import CLASS_NAMES, Frame
 from mmtta_ros.metrics import ConfusionMatrix
 from mmtta_ros.pipeline import FrameResult, labels_in_view, SegmentationPipeline
@@ -31,8 +32,13 @@ def score_stream(pipeline: SegmentationPipeline, frames: Iterable[Frame],
     matrices = {head: ConfusionMatrix(len(class_names)) for head in HEADS}
     num_frames, unlabeled, started = 0, 0, time.monotonic()
     stats_sum: Dict[str, float] = {}
+    rejected = 0
     for frame in frames:
-        result = pipeline.process(frame)
+        try:
+            result = pipeline.process(frame)
+        except SensorDataError:
+            rejected += 1  # as the node does: a frame it cannot use is skipped, not fatal
+            continue
         if on_result is not None:
             on_result(frame, result)
         labels = labels_in_view(frame, result)
@@ -50,6 +56,7 @@ def score_stream(pipeline: SegmentationPipeline, frames: Iterable[Frame],
     return {
         'frames': num_frames,
         'unlabeled_frames': unlabeled,
+        'rejected_frames': rejected,
         'seconds': seconds,
         'miou': {head: matrices[head].miou() for head in HEADS},
         'per_class': {head: matrices[head].report(class_names) for head in HEADS},

@@ -123,6 +123,8 @@ def train_source(frames: Sequence[Frame], model_config: SegmenterConfig,
         batch = order.sample(list(frames), min(train_config.batch_frames, len(frames)))
         inputs, in_view = frames_to_input(batch, device, train_config.min_depth)
         labels = _labels_in_view(batch, in_view, device)
+        if not torch.any(labels != IGNORE_INDEX):
+            continue  # nothing labeled in view: CE would be NaN and poison the weights
         output = model(augment(inputs, train_config, generator))
         loss_2d = loss_fn(output.logits_2d, labels)
         loss_3d = loss_fn(output.logits_3d, labels)

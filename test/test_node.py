@@ -218,6 +218,9 @@ def test_services_and_parameters(harness, frames, tmp_path):
     assert results[0].successful and harness.node.config['sync.slop'] == 0.08
     results = harness.node.set_parameters([Parameter('adaptation.method', value='tent')])
     assert not results[0].successful
+    # Parameters rclpy owns are not refused by the node's checks.
+    results = harness.node.set_parameters([Parameter('use_sim_time', value=True)])
+    assert results[0].successful
 
 
 def test_invalid_start_parameters_are_refused(frames):
@@ -248,5 +251,24 @@ def test_far_stamps_rejected_and_time_jump_clears_queues(frames, tmp_path):
         harness.send(back)
         assert harness.spin_until(lambda: counters['time_jumps'] >= 1, 30.0)
         assert counters['resets'] >= 1
+    finally:
+        harness.close()
+
+
+def test_a_frame_with_almost_nothing_in_view_is_rejected_not_fatal(frames):
+    from dataclasses import replace
+
+    harness = Harness(frames)
+    try:
+        counters = harness.node.counters
+        # Three points in front of the camera only: batch norm cannot train on that.
+        few = replace(frames[0], points_lidar=np.array(
+            [[10.0, 0.0, 0.0], [10.1, 0.0, 0.0], [10.2, 0.1, 0.0]], np.float32),
+            intensity=np.zeros(3, np.float32))
+        harness.send(few)
+        harness.send(frames[1])
+        assert harness.spin_until(lambda: counters['rejected_messages'] == 1, 30.0)
+        assert send_and_wait(harness, frames[2:4], expected=1)
+        assert counters['step_failures'] == 0 and harness.node._worker.is_alive()
     finally:
         harness.close()

@@ -313,7 +313,13 @@ def main(argv=None) -> int:
             'night', '--seed', str(args.seed), '--duration', str(args.duration),
             '--workers', '1'])
         _log(f'bag writer pid {writer.pid}')
-    ensure_source_model(checkpoint, data / 'cache', args.train_steps)
+    try:
+        ensure_source_model(checkpoint, data / 'cache', args.train_steps)
+    except BaseException:
+        if writer is not None:
+            writer.terminate()  # our own child: do not leave it rendering
+            writer.wait()
+        raise
     if writer is not None and writer.wait() != 0:
         raise SystemExit(f'writing the demo bag failed (exit code {writer.returncode})')
     ensure_demo_bag(bag, args.seed, args.duration)
