@@ -14,7 +14,7 @@ import torch
 from mmtta_ros.errors import SensorDataError
 from mmtta_ros.frame import Frame, IGNORE_INDEX
 from mmtta_ros.models.segmenter import make_segmenter_input, SegmenterInput
-from mmtta_ros.sensors.projection import project_points
+from mmtta_ros.sensors.projection import project_points, Projection
 from mmtta_ros.tta.window import FrameWindow
 
 
@@ -57,15 +57,20 @@ class FrameResult:
         return confidence
 
 
-def frames_to_input(frames: Sequence[Frame], device: torch.device,
-                    min_depth: float = 1.0) -> Tuple[SegmenterInput, List[np.ndarray]]:
-    """Project each frame's points and stack the in-view ones into one SegmenterInput."""
-    in_view_masks, pixels_list = [], []
-    for frame in frames:
-        projection = project_points(frame.points_lidar, frame.T_cam_from_lidar, frame.K,
-                                    frame.image_size, min_depth=min_depth)
-        in_view_masks.append(projection.in_view)
-        pixels_list.append(projection.pixels)
+def project_frame(frame: Frame, min_depth: float = 1.0) -> Projection:
+    """Project a frame's LiDAR points into its image."""
+    return project_points(frame.points_lidar, frame.T_cam_from_lidar, frame.K,
+                          frame.image_size, min_depth=min_depth)
+
+
+def frames_to_input(frames: Sequence[Frame], device: torch.device, min_depth: float = 1.0,
+                    projections: Optional[Sequence[Projection]] = None
+                    ) -> Tuple[SegmenterInput, List[np.ndarray]]:
+    """Stack the in-view points of frames into one SegmenterInput (projecting if not given)."""
+    if projections is None:
+        projections = [project_frame(frame, min_depth) for frame in frames]
+    in_view_masks = [projection.in_view for projection in projections]
+    pixels_list = [projection.pixels for projection in projections]
     inputs = make_segmenter_input(list(frames), in_view_masks, pixels_list, device)
     return inputs, in_view_masks
 
@@ -84,7 +89,9 @@ class SegmentationPipeline:
         self.method = method
         self.device = torch.device(device)
         self.min_depth = float(min_depth)
-        self._window: FrameWindow[Frame] = FrameWindow(batch_frames)
+        # Frames with their projections, so each frame is projected once however many
+        # windows it takes part in.
+        self._window: FrameWindow[Tuple[Frame, Projection]] = FrameWindow(batch_frames)
 
     def reset_window(self) -> None:
         """Forget buffered frames (after a time jump: they belong to another stretch)."""
@@ -99,15 +106,14 @@ class SegmentationPipeline:
         than one value per channel, and so few points say nothing about the scene. A
         rejected frame does not enter the window.
         """
-        projection = project_points(frame.points_lidar, frame.T_cam_from_lidar, frame.K,
-                                    frame.image_size, min_depth=self.min_depth)
+        projection = project_frame(frame, self.min_depth)
         in_view = int(np.count_nonzero(projection.in_view))
         if in_view < MIN_POINTS_IN_VIEW:
             raise SensorDataError(
                 f'only {in_view} LiDAR points project into the image (need '
                 f'{MIN_POINTS_IN_VIEW}): camera covered, or T_cam_from_lidar / K wrong?')
-        frames = self._window.push(frame)
-        inputs, in_view_masks = frames_to_input(frames, self.device, self.min_depth)
+        frames, projections = zip(*self._window.push((frame, projection)))
+        inputs, in_view_masks = frames_to_input(frames, self.device, projections=projections)
         output = self.method.step(inputs)
         newest = inputs.batch_index == len(frames) - 1
         with torch.no_grad():
