@@ -136,6 +136,13 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+def configure_torch(device: str = 'auto', threads: int = 0) -> torch.device:
+    """Set torch's CPU threads (0 keeps torch's default) and return the selected device."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    return select_device(device)
+
+
 def select_device(name: str = 'auto') -> torch.device:
     """Turn 'auto' | 'cuda' | 'cpu' into a torch.device; 'cuda' without a GPU is an error."""
     name = str(name).lower()

@@ -12,14 +12,13 @@ from pathlib import Path
 import sys
 
 import numpy as np
-import torch
 import yaml
 
 from mmtta_ros.bags.reader import BagFrameReader
 from mmtta_ros.bags.writer import write_labeled_clouds
 from mmtta_ros.checkpoint import load_model_checkpoint
 from mmtta_ros.datasets import synthetic_frames
-from mmtta_ros.pipeline import SegmentationPipeline, select_device
+from mmtta_ros.pipeline import configure_torch, SegmentationPipeline
 from mmtta_ros.protocol import IMAGE_SIZE, target_config, TARGET_FRAMES, TARGET_SEEDS
 from mmtta_ros.frame import CLASS_PALETTE
 from mmtta_ros.scoring import format_report, HEADS, score_stream
@@ -68,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = configure_torch(args.device, args.threads)
     params = parse_assignments(args.params)
     if args.output_bag and len(args.bag or []) != 1:
         raise SystemExit('--output-bag needs exactly one --bag')

@@ -3,11 +3,9 @@
 import argparse
 import sys
 
-import torch
-
 from mmtta_ros.datasets import synthetic_frames
 from mmtta_ros.models.segmenter import SegmenterConfig
-from mmtta_ros.pipeline import select_device
+from mmtta_ros.pipeline import configure_torch
 from mmtta_ros.protocol import IMAGE_SIZE, source_configs
 from mmtta_ros.training import train_source, TrainConfig
 
@@ -37,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = configure_torch(args.device, args.threads)
     frames = synthetic_frames(source_configs(args.domain, args.image_size), args.cache_dir)
     train_config = TrainConfig(steps=args.steps, batch_frames=args.batch_frames, lr=args.lr,
                                seed=args.seed)

@@ -16,7 +16,7 @@ import torch
 
 from mmtta_ros.datasets import synthetic_frames
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
-from mmtta_ros.pipeline import SegmentationPipeline, select_device
+from mmtta_ros.pipeline import configure_torch, SegmentationPipeline
 from mmtta_ros.protocol import IMAGE_SIZE, target_config
 from mmtta_ros.tta import build_method, METHODS
 
@@ -51,9 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = configure_torch(args.device, args.threads)
     frames = synthetic_frames(
         [target_config('night', 100, args.image_size, args.frames + args.warmup)],
         args.cache_dir)
