@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-from hypothesis import given, settings, strategies as st
 import numpy as np
 from PIL import Image as PILImage
 import pytest
@@ -16,8 +15,7 @@ from rosbags.interfaces import QosDurability, QosReliability
 from rosbags.rosbag2 import Reader, Writer
 
 from mmtta_ros.bags.playback import play, PlaybackOptions, PlaybackStats, read_topics, TopicInfo
-from mmtta_ros.bags.reader import (
-    BagFrameReader, labels_from_message, NearestStampPairer, read_clouds, read_frames)
+from mmtta_ros.bags.reader import BagFrameReader, read_clouds, read_frames
 from mmtta_ros.bags.topics import (
     bag_typestore, BagTopics, LABELED_POINTS_TOPIC, labels_to_wire, make_qos,
     matrix_to_quaternion, NO_LABEL, SENSOR_QOS, stamp_to_ns, TF_STATIC_QOS)
@@ -25,8 +23,10 @@ from mmtta_ros.bags.transforms import build_tree, lookup_transform
 from mmtta_ros.bags.writer import (
     labels_cloud_message, sensor_samples, STORAGES, tf_message, write_demo_bag,
     write_labeled_clouds)
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import IGNORE_INDEX
+from mmtta_ros.core.decode import labels_from_message
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.params import SyncParams
+from mmtta_ros.core.classes import IGNORE_INDEX
 from mmtta_ros.sensors.image import scale_intrinsics
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, encode_labeled_cloud, UNLABELED
 from mmtta_ros.sensors.projection import quaternion_to_matrix
@@ -34,6 +34,7 @@ from mmtta_ros.synth import (
     CameraImage, LidarSweep, SequenceConfig, SyntheticSequence, T_CAM_FROM_LIDAR,
     T_EGO_FROM_CAM, T_EGO_FROM_LIDAR)
 from mmtta_ros.tools import make_demo_bag
+from test_sync import reference_matches
 
 TOPICS = BagTopics()
 NUM_SWEEPS = 8
@@ -158,50 +159,9 @@ def test_transform_tree_composes_and_reports_missing_frames():
         lookup_transform(tree, 'CAM_BACK', 'LIDAR_TOP')
 
 
-def _brute_force_pairs(primaries, secondaries, slop):
-    pairs = []
-    for p in primaries:
-        gaps = [(abs(s - p), s) for s in secondaries if abs(s - p) <= slop]
-        pairs.append((p, min(gaps)[1] if gaps else None))
-    return pairs
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.data())
-def test_pairer_matches_brute_force_nearest(data):
-    period_p = data.draw(st.integers(30, 70))
-    primaries = [i * period_p + data.draw(st.integers(0, 5)) for i in range(12)]
-    secondaries = sorted({data.draw(st.integers(-50, 12 * period_p + 50))
-                          for _ in range(data.draw(st.integers(0, 10)))})
-    slop, window = data.draw(st.integers(0, 60)), data.draw(st.integers(0, 60))
-    # Arrival ("log time") order: each stamp delayed by up to the window, but each topic
-    # stays in stamp order (one driver, one queue).
-    # Messages of the two topics logged at the same instant come in either order.
-    rank = data.draw(st.permutations([0, 1]))
-    arrivals = []
-    for kind, stamps in ((0, sorted(primaries)), (1, secondaries)):
-        log_times = np.maximum.accumulate(
-            [s + data.draw(st.integers(0, window)) for s in stamps] or [0])
-        arrivals += [(int(t), rank[kind], s, kind) for t, s in zip(log_times, stamps)]
-    arrivals.sort()
-    pairer = NearestStampPairer(slop, window)
-    pairs = []
-    for _, _, stamp, is_secondary in arrivals:
-        pairs += (pairer.add_secondary(stamp, stamp) if is_secondary
-                  else pairer.add_primary(stamp, stamp))
-    pairs += pairer.flush()
-    assert pairs == _brute_force_pairs(sorted(primaries), secondaries, slop)
-
-
-def test_pairer_prefers_the_earlier_image_on_a_tie_and_holds_little():
-    pairer = NearestStampPairer(slop_ns=50, window_ns=100)
-    assert pairer.add_secondary(90, 'early') == []
-    assert pairer.add_primary(100, 'sweep') == []  # a nearer image may still come
-    assert pairer.add_secondary(110, 'late') == [('sweep', 'early')]
-    # Old images are dropped once no sweep can want them.
-    for stamp in range(200, 5000, 50):
-        pairer.add_secondary(stamp, stamp)
-    assert len(pairer._secondaries) <= 100 // 50 + 2
+def _optimal_pairs(sweeps, images, slop_ns):
+    """(sweep, image) stamps of the optimal one-to-one matching (test_sync's brute force)."""
+    return [(sweep, image) for image, sweep in reference_matches([images, sweeps], slop_ns)]
 
 
 # --- demo bags ------------------------------------------------------------------------------
@@ -267,14 +227,19 @@ def test_reader_gives_the_generator_frames(bags, generated, storage):
     sequence = SyntheticSequence(_config())
     reader = BagFrameReader(bags[storage], image_size=None)
     frames = list(reader)
-    assert len(frames) == NUM_SWEEPS
-    assert reader.stats.frames == reader.stats.sweeps == NUM_SWEEPS
-    assert reader.stats.skipped_no_image == reader.stats.rejected_messages == 0
+    # The node's pairing: one image per sweep and one sweep per image, tightest first.
+    pairs = _optimal_pairs(sorted(sweeps), sorted(images), 50_000_000)
+    assert [(f.stamp_lidar_ns, f.stamp_image_ns) for f in frames] == pairs
+    assert reader.stats.frames == len(images) == len(pairs) and reader.stats.sweeps == NUM_SWEEPS
+    assert reader.stats.unpaired_sweeps == NUM_SWEEPS - len(pairs)
+    assert reader.stats.rejected_messages == 0
     for index, frame in enumerate(frames):
         sweep = sweeps[frame.stamp_lidar_ns]
         image = images[frame.stamp_image_ns]
-        assert frame.stamp_image_ns == sequence.camera_stamp(
-            sequence.nearest_camera_index(frame.stamp_lidar_ns))
+        # Each image went to its nearest sweep.
+        assert frame.stamp_lidar_ns == min(sweeps, key=lambda s: abs(s - frame.stamp_image_ns))
+        assert sequence.camera_stamp(sequence.nearest_camera_index(
+            frame.stamp_lidar_ns)) == frame.stamp_image_ns
         np.testing.assert_array_equal(frame.points_lidar, sweep.points_lidar)
         assert frame.points_lidar.dtype == np.float32 and frame.points_lidar.flags.writeable
         np.testing.assert_array_equal(frame.intensity, sweep.intensity)
@@ -287,13 +252,12 @@ def test_reader_gives_the_generator_frames(bags, generated, storage):
         assert np.abs(frame.image.astype(int) - image.image).mean() < 15
         assert frame.lidar_frame_id == 'LIDAR_TOP'
         assert frame.sequence == f'demo_{storage}' and frame.index == index
-    assert [f.stamp_lidar_ns for f in frames] == sorted(sweeps)
 
 
 def test_reader_resizes_image_and_scales_k(bags, generated):
     _, images = generated
     frames = list(read_frames(bags['mcap'], image_size=(80, 45)))
-    assert len(frames) == NUM_SWEEPS
+    assert len(frames) == len(images)
     for frame in frames:
         assert frame.image.shape == (45, 80, 3) and frame.image_size == (80, 45)
         K_expected = scale_intrinsics(images[frame.stamp_image_ns].K, IMAGE_SIZE, (80, 45))
@@ -308,8 +272,9 @@ def test_reader_on_a_bag_without_labels_or_tf(bags, generated, tmp_path):
     sweeps, _ = generated
     unlabeled = tmp_path / 'unlabeled'
     _copy_bag(bags['mcap'], unlabeled, lambda topic, msg: topic != TOPICS.labels)
+    num_pairs = len(list(read_frames(bags['mcap'], image_size=None)))
     frames = list(read_frames(unlabeled, image_size=None))
-    assert len(frames) == NUM_SWEEPS and all(f.labels is None for f in frames)
+    assert len(frames) == num_pairs and all(f.labels is None for f in frames)
     # Without /tf_static the transform must be given.
     no_tf = tmp_path / 'no_tf'
     _copy_bag(bags['mcap'], no_tf, lambda topic, msg: topic != TOPICS.tf_static)
@@ -318,7 +283,7 @@ def test_reader_on_a_bag_without_labels_or_tf(bags, generated, tmp_path):
     T = np.eye(4)
     T[:3, 3] = (1.0, 2.0, 3.0)
     frames = list(read_frames(no_tf, T_cam_from_lidar=T, image_size=None))
-    assert len(frames) == NUM_SWEEPS
+    assert len(frames) == num_pairs
     np.testing.assert_array_equal(frames[0].T_cam_from_lidar, T)
     np.testing.assert_array_equal(frames[0].labels, sweeps[frames[0].stamp_lidar_ns].labels)
     # Topic names are configurable; a missing one says which.
@@ -343,7 +308,7 @@ def test_reader_takes_raw_images_and_mounts_from_tf(bags, generated, tmp_path):
     _copy_bag(bags['mcap'], raw, rename={TOPICS.tf_static: '/tf'},
               convert={TOPICS.image: ('sensor_msgs/msg/Image', to_raw_bgr)})
     frames = list(read_frames(raw, image_size=None))
-    assert len(frames) == NUM_SWEEPS
+    assert len(frames) == len(images)
     for frame in frames:
         np.testing.assert_array_equal(frame.image,
                                       _jpeg_round_trip(images[frame.stamp_image_ns].image))
@@ -362,17 +327,18 @@ def test_pairing_skips_sweeps_without_an_image_in_slop(bags, generated, tmp_path
               lambda topic, msg: not (topic == TOPICS.image
                                       and stamp_to_ns(msg.header.stamp) in dropped))
     kept = [s for s in image_stamps if s not in dropped]
-    expected = _brute_force_pairs(sorted(sweeps), kept, 50_000_000)
+    paired = _optimal_pairs(sorted(sweeps), kept, 50_000_000)
     reader = BagFrameReader(sparse, image_size=None)
     frames = list(reader)
-    paired = [(p, s) for p, s in expected if s is not None]
-    assert 0 < len(paired) < NUM_SWEEPS
+    assert 0 < len(paired) <= len(kept)
     assert [(f.stamp_lidar_ns, f.stamp_image_ns) for f in frames] == paired
-    assert reader.stats.skipped_no_image == NUM_SWEEPS - len(paired)
+    assert reader.stats.unpaired_sweeps == NUM_SWEEPS - len(paired)
     assert [f.index for f in frames] == list(range(len(frames)))
-    # A wider slop pairs more sweeps.
-    wide = list(read_frames(sparse, image_size=None, slop_s=0.2))
-    assert len(wide) > len(frames)
+    # A narrower slop pairs fewer.
+    narrow = list(read_frames(sparse, image_size=None, sync=SyncParams(slop_s=0.008)))
+    assert [(f.stamp_lidar_ns, f.stamp_image_ns) for f in narrow] == _optimal_pairs(
+        sorted(sweeps), kept, 8_000_000)
+    assert 0 < len(narrow) < len(frames)
 
 
 def test_labeled_clouds_round_trip(tmp_path):

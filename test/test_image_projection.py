@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image as PILImage
 import pytest
 
-from mmtta_ros.errors import SensorDataError
+from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.sensors.image import (
     camera_info_to_intrinsics, compressed_image_to_rgb, image_to_rgb, resize_image)
 from mmtta_ros.sensors.projection import (

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mmtta_ros.frame import IGNORE_INDEX
-from mmtta_ros.metrics import ConfusionMatrix
+from mmtta_ros.core.classes import IGNORE_INDEX
+from mmtta_ros.eval.metrics import ConfusionMatrix
 
 
 def test_miou_hand_computed_over_two_frames_with_absent_classes():

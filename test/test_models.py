@@ -9,10 +9,11 @@ import spconv.pytorch as spconv
 import torch
 from torch import nn
 
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import Frame
+from mmtta_ros.core.batching import make_segmenter_input
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.frame import Frame
 from mmtta_ros.models import (
-    build_segmenter, make_segmenter_input, SegmenterConfig, SegmenterInput, SegmenterOutput,
+    build_segmenter, SegmenterConfig, SegmenterInput, SegmenterOutput,
 )
 from mmtta_ros.models.resnet_unet import load_torchvision_resnet, Net2DSeg, ResNetEncoder
 from mmtta_ros.models.sparse_unet import (

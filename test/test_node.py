@@ -17,7 +17,7 @@ from sensor_msgs.msg import (  # noqa: E402
     CameraInfo, CompressedImage, Image, PointCloud2, PointField)
 from std_srvs.srv import Trigger  # noqa: E402
 
-from mmtta_ros.node import MMTTANode  # noqa: E402
+from mmtta_ros.ros.node import MMTTANode  # noqa: E402
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, NUSCENES_LAYOUT, UNLABELED  # noqa: E402
 from mmtta_ros.synth import generate_frames, SequenceConfig  # noqa: E402
 
@@ -136,6 +136,11 @@ def harness(frames, tmp_path):
     h.close()
 
 
+def counts(harness):
+    """Return the node's /diagnostics figures now (counters by reason)."""
+    return harness.node.diagnostics_values()
+
+
 def _stamp(msg):
     return msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
 
@@ -149,8 +154,8 @@ def send_and_wait(harness, frames, expected, timeout=60.0):
     """
     for frame in frames:
         harness.send(frame)
-        harness.spin_until(lambda: harness.node.slot.pending, 1.0)
-        harness.spin_until(lambda: not harness.node.slot.pending, timeout)
+        harness.spin_until(lambda: harness.node.mailbox.pending, 1.0)
+        harness.spin_until(lambda: not harness.node.mailbox.pending, timeout)
     return harness.spin_until(lambda: len(harness.clouds) >= expected, timeout)
 
 
@@ -176,33 +181,37 @@ def test_labeled_clouds_overlay_and_diagnostics(harness, frames):
         lambda: int(latest_diagnostics().get('frames_processed', 0)) >= 3, 5.0)
     values = latest_diagnostics()
     assert float(values['latency_ms']) > 0 and float(values['points_rate_hz']) > 0
-    assert 'adaptation_entropy' in values and int(values['rejected_messages']) == 0
+    assert 'adaptation_entropy' in values and int(values['rejected_frames']) == 0
 
 
 def test_bad_inputs_are_counted_and_the_node_keeps_going(harness, frames):
-    rejected = harness.node.counters
+    def rejected():
+        return counts(harness)['rejected_frames']
 
     # A pair is final once a later message arrives on every input: each bad frame is
     # followed by another one, which completes it.
     harness.send(frames[0], info=False)
     harness.send(frames[1], info=False)
-    assert harness.spin_until(lambda: rejected['rejected_messages'] == 1, 30.0), \
+    assert harness.spin_until(lambda: rejected() == 1, 30.0), \
         'no camera_info yet must be rejected'
     broken = cloud_msg(frames[2])
     broken.data = bytes(broken.data)[:100]  # shorter than row_step says
     harness.send(frames[2], cloud=broken)
     harness.send(frames[3])
-    assert harness.spin_until(lambda: rejected['rejected_messages'] == 2, 30.0), \
+    assert harness.spin_until(lambda: rejected() == 2, 30.0), \
         'a malformed cloud must be rejected'
     bad_image = image_msg(frames[4])
     bad_image.format = 'tiff'
     harness.send(frames[4], image=bad_image)
     harness.send(frames[5])
-    assert harness.spin_until(lambda: rejected['rejected_messages'] == 3, 30.0), \
+    assert harness.spin_until(lambda: rejected() == 3, 30.0), \
         'an unknown image format must be rejected'
     # Between the bad ones, good frames were labeled: the node kept going.
-    assert harness.spin_until(lambda: rejected['frames_processed'] >= 1, 30.0)
-    assert len(harness.clouds) == rejected['frames_processed']
+    assert harness.spin_until(lambda: counts(harness)['frames_processed'] >= 1, 30.0)
+    assert len(harness.clouds) == counts(harness)['frames_processed']
+    # Every pair the worker took is accounted for: labeled or rejected with a reason.
+    values = counts(harness)
+    assert values['pairs_taken'] == values['frames_processed'] + values['rejected_frames']
 
 
 def test_services_and_parameters(harness, frames, tmp_path):
@@ -210,12 +219,15 @@ def test_services_and_parameters(harness, frames, tmp_path):
     response = harness.call('save_state')
     assert response.success and (tmp_path / 'state.pt').is_file()
     response = harness.call('reset')
-    assert response.success and harness.node.counters['resets'] == 1
+    assert response.success and counts(harness)['resets'] == 1
     # A runtime parameter is checked; a read-only one cannot change.
     results = harness.node.set_parameters([Parameter('sync.slop', value=-1.0)])
     assert not results[0].successful
     results = harness.node.set_parameters([Parameter('sync.slop', value=0.08)])
-    assert results[0].successful and harness.node.config['sync.slop'] == 0.08
+    assert results[0].successful and harness.node.params.sync.slop_s == 0.08
+    assert harness.node.sync.slop_ns == 80_000_000
+    results = harness.node.set_parameters([Parameter('output.publish_overlay', value=False)])
+    assert results[0].successful and not harness.node.pipeline.output.publish_overlay
     results = harness.node.set_parameters([Parameter('adaptation.method', value='tent')])
     assert not results[0].successful
     # Parameters rclpy owns are not refused by the node's checks.
@@ -239,18 +251,17 @@ def test_far_stamps_rejected_and_time_jump_clears_queues(frames, tmp_path):
 
     harness = Harness(frames, **{'max_stamp_skew': 5.0, 'reset.on_time_jump': True})
     try:
-        counters = harness.node.counters
         # The generator's stamps are far from this machine's clock: rejected, counted.
         harness.send(frames[0])
         harness.send(frames[1])
-        assert harness.spin_until(lambda: counters['rejected_messages'] >= 1, 30.0)
-        assert counters['frames_processed'] == 0
+        assert harness.spin_until(lambda: counts(harness)['rejected_stamp_skew'] >= 1, 30.0)
+        assert counts(harness)['frames_processed'] == 0
         # A stamp 10 s older than the newest: a looping bag. Queues clear, adaptation resets.
         back = replace(frames[2], stamp_lidar_ns=frames[2].stamp_lidar_ns - 10 ** 10,
                        stamp_image_ns=frames[2].stamp_image_ns - 10 ** 10)
         harness.send(back)
-        assert harness.spin_until(lambda: counters['time_jumps'] >= 1, 30.0)
-        assert counters['resets'] >= 1
+        assert harness.spin_until(lambda: counts(harness)['time_jumps'] >= 1, 30.0)
+        assert counts(harness)['resets'] >= 1
     finally:
         harness.close()
 
@@ -260,15 +271,14 @@ def test_a_frame_with_almost_nothing_in_view_is_rejected_not_fatal(frames):
 
     harness = Harness(frames)
     try:
-        counters = harness.node.counters
         # Three points in front of the camera only: batch norm cannot train on that.
         few = replace(frames[0], points_lidar=np.array(
             [[10.0, 0.0, 0.0], [10.1, 0.0, 0.0], [10.2, 0.1, 0.0]], np.float32),
             intensity=np.zeros(3, np.float32))
         harness.send(few)
         harness.send(frames[1])
-        assert harness.spin_until(lambda: counters['rejected_messages'] == 1, 30.0)
+        assert harness.spin_until(lambda: counts(harness)['rejected_frames'] == 1, 30.0)
         assert send_and_wait(harness, frames[2:4], expected=1)
-        assert counters['step_failures'] == 0 and harness.node._worker.is_alive()
+        assert counts(harness)['step_failures'] == 0 and harness.node._worker.is_alive()
     finally:
         harness.close()

@@ -13,8 +13,8 @@ from mmtta_ros.bags.nuscenes_convert import (
     read_lidarseg_labels, select_scenes, TF_TOPIC)
 from mmtta_ros.bags.topics import bag_typestore, BagTopics, NO_LABEL, stamp_to_ns
 from mmtta_ros.bags.transforms import build_tree, lookup_transform
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import CLASS_NAMES
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.classes import CLASS_NAMES
 from mmtta_ros.sensors.pointcloud import cloud_structured_view, cloud_to_numpy
 from mmtta_ros.sensors.projection import transform_from_translation_quaternion
 from mmtta_ros.tools import nuscenes_to_bag

@@ -15,8 +15,8 @@ from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import CLASS_PALETTE, IGNORE_INDEX
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.classes import CLASS_PALETTE, IGNORE_INDEX
 from mmtta_ros.sensors.pointcloud import (
     cloud_structured_view, cloud_to_numpy, encode_labeled_cloud, FLOAT32, FLOAT64,
     LABELED_LAYOUT, make_pointcloud2, NUSCENES_LAYOUT, OUSTER_LAYOUT, UINT16, UNLABELED,

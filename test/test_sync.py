@@ -1,5 +1,5 @@
 """
-ApproximateSynchronizer and LatestSlot: matching, arrival order, drops, time jumps, threads.
+ApproximateSynchronizer and Mailbox: matching, arrival order, drops, time jumps, threads.
 
 The reference for every matching test is `reference_matches`, a brute-force matcher
 written independently of the synchroniser: it lists every combination of messages, takes them
@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 import numpy as np
 import pytest
 
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.sync import ApproximateSynchronizer, LatestSlot, MatchedSet, TimeJump
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.pairing import ApproximateSynchronizer, Mailbox, MatchedSet, TimeJump
 
 MS = 1_000_000
 CAMERA_PERIOD_NS = 1_000_000_000 // 12
@@ -45,7 +45,7 @@ def feed(sync, arrivals, finish=False):
     if finish:
         # Two rounds far in the future settle everything queued; their sets are cut off below.
         arrivals = list(arrivals) + [(i, FAR_NS + r) for r in (0, 1)
-                                     for i in sync.timed_inputs]
+                                     for i in range(sync.num_inputs)]
     matches, jumps = [], []
     for index, stamp in arrivals:
         for event in sync.add(index, stamp, (index, stamp)):
@@ -53,18 +53,18 @@ def feed(sync, arrivals, finish=False):
                 jumps.append(event)
                 continue
             assert isinstance(event, MatchedSet)
-            for i in sync.timed_inputs:
+            for i in range(sync.num_inputs):
                 assert event.messages[i] == (i, event.stamps_ns[i])
-            matches.append(tuple(event.stamps_ns[i] for i in sync.timed_inputs))
+            matches.append(tuple(event.stamps_ns))
     return [m for m in matches if m[0] < FAR_NS], jumps
 
 
 def assert_accounted(sync):
     """Every message of a timed input is matched, dropped or pending."""
     stats = sync.stats
-    for i in sync.timed_inputs:
+    for i in range(sync.num_inputs):
         assert stats.received[i] == stats.matched[i] + stats.dropped[i] + stats.pending[i], stats
-    assert sum(stats.matched) == stats.sets * len(sync.timed_inputs)
+    assert sum(stats.matched) == stats.sets * sync.num_inputs
 
 
 def camera_lidar_streams(seed, seconds, drop=0.0):
@@ -257,7 +257,7 @@ def test_late_message_is_counted_and_used_stale_message_is_dropped():
     assert_accounted(sync)
 
 
-# -- drops, jumps, latest inputs --------------------------------------------------------
+# -- drops, jumps, end of stream --------------------------------------------------------
 
 def test_time_jump_clears_queues_is_reported_and_matching_resumes():
     cam, lidar = camera_lidar_streams(seed=11, seconds=3)
@@ -314,37 +314,48 @@ def test_queue_overflow_drops_the_oldest_and_is_counted():
     assert_accounted(sync)
 
 
-def test_optional_latest_camera_info_latched_or_stamped_with_the_image():
-    image, info, lidar = 0, 1, 2
-    sync = ApproximateSynchronizer(3, slop_ns=10, queue_size=5, clock_jump_ns=1000,
-                                   optional_latest=[info])
-    assert sync.timed_inputs == (0, 2) and sync.latest_inputs == (1,)
-    sync.add(image, 1000, 'image 1000')
-    (matched,) = sync.add(lidar, 1000, 'sweep 1000')
-    assert matched.messages == ('image 1000', None, 'sweep 1000')  # no camera_info yet
-    assert matched.stamps_ns == (1000, None, 1000)
-    # Latched: published once, long ago, stamp 0.
-    assert sync.add(info, 0, 'info latched') == []
-    for stamp in (2000, 3000):
-        sync.add(image, stamp, 'image')
-        (matched,) = sync.add(lidar, stamp, 'sweep')
-        assert matched.messages[info] == 'info latched' and matched.stamps_ns[info] == 0
-    # Stamped with each image, arriving just before it: the newest is attached.
-    sync.add(info, 4000, 'info 4000')
-    sync.add(image, 4000, 'image')
-    (matched,) = sync.add(lidar, 4000, 'sweep')
-    assert matched.messages[info] == 'info 4000'
-    # A time jump keeps it (calibration outlives a replay loop); reset can clear it.
-    (jump,) = sync.add(lidar, 1, 'sweep after the loop')
-    assert isinstance(jump, TimeJump) and jump.cleared == 0
-    (matched,) = sync.add(image, 1, 'image after the loop')
-    assert matched.messages[info] == 'info 4000'
-    sync.reset(clear_latest=True)
-    sync.add(image, 10, 'image')
-    (matched,) = sync.add(lidar, 10, 'sweep')
-    assert matched.messages[info] is None
-    stats = sync.stats
-    assert stats.received[info] == 2 and stats.matched[info] == 0 and stats.pending[info] == 0
+def latency_after_last_member(sync, arrivals):
+    """Feed (arrival_ns, input, stamp); return (matches, waits after a set's last member)."""
+    last_arrival, matches, waits = {}, [], []
+    for arrival, index, stamp in arrivals:
+        last_arrival[(index, stamp)] = arrival
+        for event in sync.add(index, stamp, (index, stamp)):
+            assert isinstance(event, MatchedSet)
+            matches.append(tuple(event.stamps_ns))
+            waits.append(arrival - max(last_arrival[(i, s)]
+                                       for i, s in enumerate(event.stamps_ns)))
+    return matches, waits
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_known_periods_make_pairs_final_at_once_and_still_optimal(seed):
+    cam, lidar = camera_lidar_streams(seed=30 + seed, seconds=20, drop=0.1)
+    slop = 50 * MS
+    rng = random.Random(seed)
+    arrivals = sorted([(s + 10 * MS + int(rng.uniform(0, 3 * MS)), 0, s) for s in cam]
+                      + [(s + 35 * MS + int(rng.uniform(0, 3 * MS)), 1, s) for s in lidar])
+    exact, waits_exact = latency_after_last_member(ApproximateSynchronizer(2, slop, 10), arrivals)
+    fast_sync = ApproximateSynchronizer(2, slop, 10, period_fraction=0.5)
+    fast, waits_fast = latency_after_last_member(fast_sync, arrivals)
+    reference = reference_matches([cam, lidar], slop)
+    # Every pair either emits is in the brute-force optimal matching ...
+    assert set(exact) <= set(reference) and set(fast) <= set(reference)
+    assert len(fast) >= len(exact) - 1
+    # ... and with known periods most pairs are final when their last member arrives.
+    assert np.median(waits_exact) > 20 * MS
+    assert np.median(waits_fast) == 0
+    assert np.median(waits_fast) < np.median(waits_exact)
+
+
+def test_flush_emits_what_the_end_of_the_stream_settles():
+    cam, lidar = camera_lidar_streams(seed=5, seconds=4)
+    slop = 30 * MS
+    sync = ApproximateSynchronizer(2, slop, 20)
+    matches, _ = feed(sync, arrival_order([cam, lidar], [10 * MS, 35 * MS], random.Random(1)))
+    assert sum(sync.stats.pending) > 0
+    matches += [tuple(event.stamps_ns) for event in sync.flush()]
+    assert matches == reference_matches([cam, lidar], slop)
+    assert sync.stats.pending == (0, 0)
     assert_accounted(sync)
 
 
@@ -374,10 +385,8 @@ def test_bad_input_is_rejected_with_a_clear_error():
         sync.add(2, 10, 'image')
     with pytest.raises(ValueError, match='queue_size'):
         ApproximateSynchronizer(2, slop_ns=10, queue_size=0)
-    with pytest.raises(ValueError, match='all inputs are optional_latest'):
-        ApproximateSynchronizer(1, slop_ns=10, optional_latest=[0])
-    with pytest.raises(ValueError, match='optional_latest'):
-        ApproximateSynchronizer(2, slop_ns=10, optional_latest=[2])
+    with pytest.raises(ValueError, match='period_fraction'):
+        ApproximateSynchronizer(2, slop_ns=10, period_fraction=1.0)
     assert sync.stats.received == (0, 0)
 
 
@@ -416,11 +425,11 @@ def test_two_threads_adding_concurrently_lose_nothing(seed):
     assert_accounted(sync)
 
 
-def test_latest_slot_keeps_the_newest_and_counts_drops():
-    slot = LatestSlot()
+def test_mailbox_keeps_the_newest_and_counts_drops():
+    slot = Mailbox()
     assert slot.take(timeout=0) is None
     assert [slot.put('a'), slot.put('b'), slot.put('c')] == [False, True, True]
-    assert slot.pending
+    assert slot.pending == 1
     assert slot.take(timeout=0) == 'c'
     assert slot.take(timeout=0.01) is None
     assert (slot.put_count, slot.taken, slot.dropped) == (3, 1, 2)
@@ -431,13 +440,23 @@ def test_latest_slot_keeps_the_newest_and_counts_drops():
     assert (slot.put_count, slot.taken, slot.dropped) == (5, 2, 3)
     # clear() (after a time jump) drops what was not taken.
     assert not slot.put('before the jump', order=6)
-    assert slot.clear() and not slot.clear()
+    assert slot.clear() == 1 and slot.clear() == 0
     assert slot.take(timeout=0) is None
     assert (slot.put_count, slot.taken, slot.dropped) == (6, 2, 4)
 
 
-def test_latest_slot_hands_items_to_a_worker_thread():
-    slot = LatestSlot()
+def test_mailbox_fifo_keeps_every_item_in_order_until_full():
+    box = Mailbox(capacity=3)
+    assert [box.put(k, order=k) for k in range(4)] == [False, False, False, True]
+    assert box.pending == 3
+    assert [box.take(timeout=0) for _ in range(4)] == [1, 2, 3, None]
+    assert (box.put_count, box.taken, box.dropped) == (4, 3, 1)
+    with pytest.raises(ValueError, match='at least 1'):
+        Mailbox(capacity=0)
+
+
+def test_mailbox_hands_items_to_a_worker_thread():
+    slot = Mailbox()
     received = []
     done = threading.Event()
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mmtta_ros.frame import CLASS_NAMES, Frame, IGNORE_INDEX
+from mmtta_ros.core.classes import CLASS_NAMES, IGNORE_INDEX
+from mmtta_ros.core.frame import Frame
 from mmtta_ros.synth import (
     CameraImage, generate_frames, generate_streams, LidarSweep, project_points, save_previews,
     SequenceConfig, SyntheticSequence)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import IGNORE_INDEX
-from mmtta_ros.tta import build_method, CollapseGuard, FrameWindow, METHODS, Prediction
-from mmtta_ros import persist
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.classes import IGNORE_INDEX
+from mmtta_ros.core.window import FrameWindow
+from mmtta_ros.tta import build_method, CollapseGuard, METHODS, Prediction
+from mmtta_ros.core import persist
 from mmtta_ros.tta.ema import ema_update
 from mmtta_ros.tta.losses import (
     cross_modal_consistency, ensemble_entropy, inverse_kl_similarity, masked_cross_entropy)

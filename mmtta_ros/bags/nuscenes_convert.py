@@ -6,7 +6,7 @@ CAM_FRONT jpegs as they are on disk (no re-encode) with their camera_info, LIDAR
 sweeps as x, y, z, intensity, ring float32, the static transforms base_link -> sensors,
 and optionally odom -> base_link on /tf from the ego poses. Where the dataset has
 nuScenes-lidarseg, every keyframe sweep also gets a labels cloud aligned point for point,
-with the lidarseg classes merged into `mmtta_ros.frame.CLASS_NAMES` as xMUDA's journal
+with the lidarseg classes merged into `mmtta_ros.core.classes.CLASS_NAMES` as xMUDA's journal
 version does. Header stamps (and log times) are the sample_data timestamps.
 
 The dataset is read with nuscenes-devkit, imported only by `convert` so the pure parts
@@ -29,8 +29,8 @@ from mmtta_ros.bags.topics import (
     bag_typestore, BagTopics, BASE_FRAME, CAMERA_INFO_TYPE, CLOUD_TYPE, IMAGE_TYPE,
     LABELS_LAYOUT, make_qos, NO_LABEL, ns_to_sec_nanosec, SENSOR_QOS, TF_STATIC_QOS, TF_TYPE)
 from mmtta_ros.bags.writer import camera_info_message, cloud_message, STORAGES, tf_message
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import CLASS_NAMES
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.classes import CLASS_NAMES
 from mmtta_ros.sensors.pointcloud import NUSCENES_LAYOUT
 from mmtta_ros.sensors.projection import transform_from_translation_quaternion
 

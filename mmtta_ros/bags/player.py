@@ -28,15 +28,17 @@ def message_class(msgtype: str):
     return getattr(importlib.import_module(f'{package}.{kind}'), name)
 
 
-def playback_qos(topic: TopicInfo) -> QoSProfile:
+def playback_qos(topic: TopicInfo, reliable: bool = False) -> QoSProfile:
     """
     Choose the rclpy QoS to offer a topic with: as recorded, else ros2 bag's default.
 
     Topics recorded without a profile get reliable / volatile (what `ros2 bag play` does),
-    except /tf_static, which is latched by convention.
+    except /tf_static, which is latched by convention. reliable: offer every topic
+    reliable (a reliable subscriber then loses nothing; a best-effort one still matches).
     """
     recorded = topic.offered_qos[0] if topic.offered_qos else None
-    reliable = recorded is None or recorded.reliability != QosReliability.BEST_EFFORT
+    reliable = (reliable or recorded is None
+                or recorded.reliability != QosReliability.BEST_EFFORT)
     latched = topic.transient_local or (recorded is None and topic.name == '/tf_static')
     depth = max(1, recorded.depth if recorded is not None else 10)
     if latched:
@@ -52,8 +54,9 @@ def playback_qos(topic: TopicInfo) -> QoSProfile:
 class BagPlayer(Node):
     """A node that publishes the messages of one bag at their recorded timing."""
 
-    def __init__(self, bag_path: str, options: PlaybackOptions, node_name: str = 'bag_player'):
-        """Create one publisher per playable topic of the bag, plus /clock."""
+    def __init__(self, bag_path: str, options: PlaybackOptions, node_name: str = 'bag_player',
+                 reliable: bool = False):
+        """Create one publisher per playable topic of the bag (reliable: all so), plus /clock."""
         super().__init__(node_name)
         self.bag_path = bag_path
         self.options = options
@@ -73,7 +76,7 @@ class BagPlayer(Node):
                 self.get_logger().warning(f'not playing {topic.name}: {self.skipped[topic.name]}')
                 continue
             self._topic_publishers[topic.name] = self.create_publisher(
-                cls, topic.name, playback_qos(topic))
+                cls, topic.name, playback_qos(topic, reliable))
         if not self._topic_publishers:
             raise ValueError(f'nothing to play in {bag_path}: {self.skipped or "no topics"}')
         # ros2 bag play's /clock: keep last 1; reliable also reaches best-effort subscribers.

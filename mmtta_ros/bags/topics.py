@@ -4,7 +4,7 @@ Topic names, frame ids, QoS profiles and message helpers shared by the bag tools
 Names follow the nuScenes -> ROS 2 bag converters (method brief section 3). The labels
 topic is this project's own: a PointCloud2 aligned point-for-point with `/LIDAR_TOP`
 (same header, height and width) holding one uint8 field `label`, the class index into
-`mmtta_ros.frame.CLASS_NAMES`, with NO_LABEL (255) for points that have no label.
+`mmtta_ros.core.classes.CLASS_NAMES`, with NO_LABEL (255) for points that have no label.
 Nothing here imports rclpy.
 """
 

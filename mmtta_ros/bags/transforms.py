@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 
-from mmtta_ros.errors import SensorDataError
+from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.sensors.projection import transform_from_translation_quaternion
 
 # child frame -> (parent frame, <np.float64: 4, 4> T_parent_from_child)

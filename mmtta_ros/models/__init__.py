@@ -3,7 +3,6 @@
 from mmtta_ros.models.segmenter import (
     build_segmenter,
     DualBranchSegmenter,
-    make_segmenter_input,
     SegmenterConfig,
     SegmenterInput,
     SegmenterOutput,
@@ -12,7 +11,6 @@ from mmtta_ros.models.segmenter import (
 __all__ = [
     'build_segmenter',
     'DualBranchSegmenter',
-    'make_segmenter_input',
     'SegmenterConfig',
     'SegmenterInput',
     'SegmenterOutput',

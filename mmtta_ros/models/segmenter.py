@@ -6,14 +6,11 @@ frames), so their predictions can be compared and averaged point by point.
 """
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import Frame
 from mmtta_ros.models.resnet_unet import load_torchvision_resnet, Net2DSeg
 from mmtta_ros.models.sparse_unet import Net3DSeg
 
@@ -173,59 +170,6 @@ def build_segmenter(config: SegmenterConfig,
                       block_reps=config.block_reps_3d, residual=config.residual_3d,
                       voxel_size=config.voxel_size, full_scale=config.full_scale)
     return DualBranchSegmenter(net_2d, net_3d)
-
-
-def make_segmenter_input(frames: Sequence[Frame], in_view_masks: Sequence[np.ndarray],
-                         pixels_list: Sequence[np.ndarray], device) -> SegmenterInput:
-    """
-    Batch frames for the segmenter: stack images, keep in-view points, round pixels.
-
-    frames:        B frames whose images all have the same size
-    in_view_masks: per frame <bool: N> points that project into the image
-    pixels_list:   per frame <float32: N, 2> projected (u, v), pixel centres at integers
-    Pixels are rounded to the nearest pixel and clipped into the image. Raises
-    SensorDataError (a ValueError) for mismatched sizes or shapes.
-    """
-    if not frames:
-        raise ValueError('make_segmenter_input needs at least one frame')
-    if not len(frames) == len(in_view_masks) == len(pixels_list):
-        raise ValueError(f'got {len(frames)} frames, {len(in_view_masks)} masks and '
-                         f'{len(pixels_list)} pixel arrays; need one of each per frame')
-    image_shape = frames[0].image.shape
-    if len(image_shape) != 3 or image_shape[2] != 3:
-        raise SensorDataError(f'images must be (H, W, 3) RGB, got {image_shape}')
-    height, width = image_shape[:2]
-    pixels_kept, points_kept = [], []
-    for i, (frame, mask, pixels) in enumerate(zip(frames, in_view_masks, pixels_list)):
-        if frame.image.shape != image_shape:
-            raise SensorDataError(
-                f'frame {i} image is {frame.image.shape}, frame 0 image is {image_shape}: '
-                'a batch needs images of one size (resize them first)')
-        num_points = frame.points_lidar.shape[0]
-        mask = np.asarray(mask)
-        pixels = np.asarray(pixels)
-        if mask.shape != (num_points,) or mask.dtype != np.bool_:
-            raise SensorDataError(f'frame {i}: in-view mask must be bool ({num_points},), got '
-                                  f'{mask.dtype} {mask.shape}')
-        if pixels.shape != (num_points, 2):
-            raise SensorDataError(f'frame {i}: pixels must be ({num_points}, 2), '
-                                  f'got {pixels.shape}')
-        pixels_in_view = pixels[mask]
-        if not np.isfinite(pixels_in_view).all():
-            raise SensorDataError(f'frame {i}: non-finite pixel coordinates of in-view points')
-        pixels_kept.append(np.clip(np.rint(pixels_in_view), 0, [width - 1, height - 1]))
-        points_kept.append(frame.points_lidar[mask])
-    batch_index = np.repeat(np.arange(len(frames), dtype=np.int64),
-                            [p.shape[0] for p in points_kept])
-    images = np.stack([frame.image for frame in frames])
-    # Move the uint8 images and convert there: 4x less to copy to a GPU.
-    images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
-    return SegmenterInput(
-        images=images.contiguous(),
-        pixels=torch.from_numpy(np.concatenate(pixels_kept).astype(np.int64)).to(device),
-        batch_index=torch.from_numpy(batch_index).to(device),
-        points=torch.from_numpy(np.concatenate(points_kept).astype(np.float32)).to(device),
-    )
 
 
 def _check_input(inputs: SegmenterInput) -> None:

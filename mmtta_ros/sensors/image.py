@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image as PILImage
 
-from mmtta_ros.errors import SensorDataError
+from mmtta_ros.core.errors import SensorDataError
 
 # encoding -> (bytes per pixel, channel order to take for RGB, dtype of a channel)
 _RAW_ENCODINGS = {

@@ -14,8 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import CLASS_PALETTE
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.classes import CLASS_PALETTE
 
 # sensor_msgs/PointField datatype constants (identical in ROS 1, ROS 2 and rosbags).
 INT8, UINT8, INT16, UINT16, INT32, UINT32, FLOAT32, FLOAT64 = range(1, 9)

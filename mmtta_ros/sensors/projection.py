@@ -5,7 +5,7 @@ from typing import Tuple
 
 import numpy as np
 
-from mmtta_ros.errors import SensorDataError
+from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.sensors.image import check_intrinsics
 
 

@@ -1,7 +1,7 @@
 """
 Synthetic day/night camera + LiDAR street sequences with ground truth, pure numpy.
 
-A seeded procedural street (six classes of `mmtta_ros.frame.CLASS_NAMES`) is ray cast by a
+A seeded procedural street (six classes of `mmtta_ros.core.classes.CLASS_NAMES`) is ray cast by a
 32-beam spinning LiDAR and rendered by a front pinhole camera, under domain families: `day`
 (source), `night`, `city_b` and `lidar16`. Typical use::
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmtta_ros.frame import IGNORE_INDEX
+from mmtta_ros.core.classes import IGNORE_INDEX
 
 BOX, ELLIPSOID, CYLINDER = 0, 1, 2
 NO_MATERIAL = -1

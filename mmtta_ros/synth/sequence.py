@@ -15,7 +15,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mmtta_ros.frame import CLASS_PALETTE, Frame
+from mmtta_ros.core.classes import CLASS_PALETTE
+from mmtta_ros.core.frame import Frame
 from mmtta_ros.synth.camera import CameraModel, render
 from mmtta_ros.synth.domains import get_domain, sample_lidar, sample_lighting
 from mmtta_ros.synth.scene import build_scene, pose_matrix

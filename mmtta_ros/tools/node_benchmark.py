@@ -17,19 +17,22 @@ import torch
 
 from mmtta_ros.bags.playback import read_topics
 from mmtta_ros.bags.reader import BagFrameReader
-from mmtta_ros.checkpoint import load_model_checkpoint
-from mmtta_ros.pipeline import SegmentationPipeline
+from mmtta_ros.core.builder import build_pipeline
+from mmtta_ros.core.params import default_params_file, node_params, read_params_file
+from mmtta_ros.eval.live_demo import ensure_demo_bag, ensure_source_model, run_live
 from mmtta_ros.synth import T_CAM_FROM_LIDAR
-from mmtta_ros.tools.demo import ensure_demo_bag, ensure_source_model, run_live
-from mmtta_ros.tta import build_method
 
 
 def offline_step_seconds(checkpoint: Path, bag: Path, method: str, frames: int) -> float:
-    """Median seconds of SegmentationPipeline.process on the bag's first frames (warm)."""
-    model, _, _ = load_model_checkpoint(checkpoint, torch.device('cpu'))
-    pipeline = SegmentationPipeline(build_method(method, model), torch.device('cpu'))
+    """Median seconds of Pipeline.process on the bag's frames (warm), the node's settings."""
+    values = read_params_file(default_params_file())
+    values.update({'adaptation.method': method, 'model.checkpoint': str(checkpoint),
+                   'device': 'cpu'})
+    params = node_params(values)
+    pipeline = build_pipeline(params.pipeline)
     times = []
-    reader = BagFrameReader(bag, image_size=(400, 225), T_cam_from_lidar=T_CAM_FROM_LIDAR)
+    reader = BagFrameReader(bag, image_size=params.pipeline.model.image_size, sync=params.sync,
+                            T_cam_from_lidar=T_CAM_FROM_LIDAR)
     for i, frame in enumerate(reader):
         start = time.perf_counter()
         pipeline.process(frame)

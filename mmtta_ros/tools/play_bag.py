@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import time
 
 import rclpy
 from rclpy.executors import ExternalShutdownException
@@ -20,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help='skip this much of the bag (latched topics are still sent)')
     parser.add_argument('--topics', nargs='+', metavar='TOPIC',
                         help='play only these topics (default: all)')
+    parser.add_argument('--delay', type=float, default=0.0, metavar='SECONDS',
+                        help='wait this long before playing, so subscribers discover the '
+                             'new publishers first (as ros2 bag play --delay)')
+    parser.add_argument('--reliable', action='store_true',
+                        help='offer every topic reliable (lossless to a reliable subscriber)')
     parser.add_argument('--clock-hz', type=float, default=40.0,
                         help='/clock publications per second')
     return parser
@@ -37,7 +43,9 @@ def main(argv=None) -> int:
     rclpy.init(args=None)
     player = None
     try:
-        player = BagPlayer(args.bag, options)
+        player = BagPlayer(args.bag, options, reliable=args.reliable)
+        if args.delay > 0:
+            time.sleep(args.delay)
         player.run()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from PIL import Image as PILImage
 
-from mmtta_ros.frame import CLASS_PALETTE
+from mmtta_ros.core.classes import CLASS_PALETTE
 from mmtta_ros.sensors.image import compressed_image_to_rgb, resize_image
 from mmtta_ros.sensors.pointcloud import (
     cloud_to_numpy, encode_labeled_cloud, make_pointcloud2, NUSCENES_LAYOUT)

@@ -3,11 +3,11 @@
 import argparse
 import sys
 
-from mmtta_ros.datasets import synthetic_frames
+from mmtta_ros.eval.frame_cache import synthetic_frames
 from mmtta_ros.models.segmenter import SegmenterConfig
-from mmtta_ros.pipeline import configure_torch
-from mmtta_ros.protocol import IMAGE_SIZE, source_configs
-from mmtta_ros.training import train_source, TrainConfig
+from mmtta_ros.core.builder import configure_torch
+from mmtta_ros.eval.splits import IMAGE_SIZE, source_configs
+from mmtta_ros.eval.training import train_source, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

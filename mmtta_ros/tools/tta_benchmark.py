@@ -14,11 +14,12 @@ import time
 
 import torch
 
-from mmtta_ros.datasets import synthetic_frames
+from mmtta_ros.core.builder import build_pipeline, configure_torch
+from mmtta_ros.core.params import node_params
+from mmtta_ros.eval.frame_cache import synthetic_frames
+from mmtta_ros.eval.splits import IMAGE_SIZE, target_config
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
-from mmtta_ros.pipeline import configure_torch, SegmentationPipeline
-from mmtta_ros.protocol import IMAGE_SIZE, target_config
-from mmtta_ros.tta import build_method, METHODS
+from mmtta_ros.tta import METHODS
 
 ORDER = ('source', 'tent', 'tent_ens', 'xmuda', 'xmuda_pl', 'mmtta')
 
@@ -27,7 +28,9 @@ def time_method(name: str, size: str, frames, device, warmup: int) -> float:
     """Median seconds per frame of method `name` on a fresh `size` model."""
     torch.manual_seed(0)
     model = build_segmenter(SegmenterConfig(size=size)).to(device)
-    pipeline = SegmentationPipeline(build_method(name, model), device)
+    # The node's defaults for everything but the method (collapse guard included).
+    params = node_params({'adaptation.method': name, 'device': str(device)})
+    pipeline = build_pipeline(params.pipeline, model=model)
     times = []
     for i, frame in enumerate(frames):
         start = time.perf_counter()

@@ -9,9 +9,8 @@ Test-time adaptation methods behind one interface: source, tent, tent_ens, xmuda
 from mmtta_ros.tta.base import AdaptationMethod, NormAdaptationMethod, Prediction
 from mmtta_ros.tta.guard import CollapseGuard
 from mmtta_ros.tta.registry import build_method, METHODS
-from mmtta_ros.tta.window import FrameWindow
 
 __all__ = [
-    'AdaptationMethod', 'build_method', 'CollapseGuard', 'FrameWindow', 'METHODS',
+    'AdaptationMethod', 'build_method', 'CollapseGuard', 'METHODS',
     'NormAdaptationMethod', 'Prediction',
 ]

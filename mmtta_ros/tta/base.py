@@ -14,22 +14,26 @@ autograd graph across steps: predictions are detached and `stats` holds Python n
 import copy
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Annotated, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mmtta_ros.errors import SensorDataError
+from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.tta.guard import CollapseGuard
+from mmtta_ros.tta.hyper import Range
 from mmtta_ros.tta.losses import ensemble_log_probs, softmax_entropy
 from mmtta_ros.tta.norm import (
     branch_norm_parameters, configure_norm_adaptation, set_norm_train_mode)
-from mmtta_ros.persist import atomic_torch_save, load_weights_only, PathLike
+from mmtta_ros.core.persist import atomic_torch_save, load_weights_only, PathLike
 
 # Latte's defaults (the public MM-TTA re-implementation); the MM-TTA paper gives none.
 DEFAULT_LR_2D = 6e-6
 DEFAULT_LR_3D = 1e-3
+# A learning rate or a weight decay: 0 is refused by the constructors, but 1e-12 (the
+# "statistics only" setting) is allowed.
+Rate = Annotated[float, Range(0.0, 1.0)]
 
 
 @dataclasses.dataclass
@@ -117,7 +121,7 @@ class AdaptationMethod:
     Base of every method: wraps a source model, adapts and predicts one batch per `step`.
 
     predict_before_update: return the prediction made before this step's update (the
-        paper's protocol) rather than a fresh one after it.
+        paper's protocol) rather than a fresh one after it
     collapse_guard: optional CollapseGuard; when it fires the method resets to the
         source and counts it (stats['resets'], stats['reset_reason']).
 
@@ -249,13 +253,17 @@ class NormAdaptationMethod(AdaptationMethod):
     0 on norm parameters), Adam for the 3D branch (lr_3d). One optimiser step per batch.
     Subclasses give the loss through `objective`; a None or non-finite loss skips the
     update (stats['updated'] False).
+
+    lr_2d: learning rate of the 2D branch's batch-norm affine parameters (AdamW)
+    lr_3d: learning rate of the 3D branch's batch-norm affine parameters (Adam)
+    weight_decay_2d: AdamW weight decay of the 2D parameters (Latte: 0 on norm layers)
     """
 
     # Whether norm-layer buffers must hold the last batch's statistics (for an EMA).
     record_batch_stats = False
 
-    def __init__(self, model: nn.Module, *, lr_2d: float = DEFAULT_LR_2D,
-                 lr_3d: float = DEFAULT_LR_3D, weight_decay_2d: float = 0.0,
+    def __init__(self, model: nn.Module, *, lr_2d: Rate = DEFAULT_LR_2D,
+                 lr_3d: Rate = DEFAULT_LR_3D, weight_decay_2d: Rate = 0.0,
                  predict_before_update: bool = True,
                  collapse_guard: Optional[CollapseGuard] = None):
         super().__init__(model, predict_before_update=predict_before_update,

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmtta_ros.frame import IGNORE_INDEX
+from mmtta_ros.core.classes import IGNORE_INDEX
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:

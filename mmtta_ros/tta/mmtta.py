@@ -13,17 +13,18 @@ mixed with weights ζ2D / (ζ2D + ζ3D) and 1 - that (soft); points where both a
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Annotated, Any, Dict, Literal, Optional, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mmtta_ros.frame import IGNORE_INDEX
+from mmtta_ros.core.classes import IGNORE_INDEX
 from mmtta_ros.tta.base import (
-    check_output, DEFAULT_LR_2D, DEFAULT_LR_3D, detach_output, NormAdaptationMethod)
+    check_output, DEFAULT_LR_2D, DEFAULT_LR_3D, detach_output, NormAdaptationMethod, Rate)
 from mmtta_ros.tta.ema import EMA_TARGETS, ema_update
 from mmtta_ros.tta.guard import CollapseGuard
+from mmtta_ros.tta.hyper import Range
 from mmtta_ros.tta.losses import inverse_kl_similarity, masked_cross_entropy
 from mmtta_ros.tta.norm import freeze, set_norm_train_mode
 
@@ -133,10 +134,14 @@ class MMTTA(NormAdaptationMethod):
 
     name = 'mmtta'
 
-    def __init__(self, model: nn.Module, *, momentum: float = 0.99, ema_targets: str = 'both',
-                 selection: str = 'soft', threshold: float = 0.3, eps: float = 1e-6,
-                 lr_2d: float = DEFAULT_LR_2D, lr_3d: float = DEFAULT_LR_3D,
-                 weight_decay_2d: float = 0.0, predict_before_update: bool = True,
+    def __init__(self, model: nn.Module, *,
+                 momentum: Annotated[float, Range(0.0, 1.0)] = 0.99,
+                 ema_targets: Literal['affine', 'stats', 'both'] = 'both',
+                 selection: Literal['hard', 'soft'] = 'soft',
+                 threshold: Annotated[float, Range(0.0, 1e6)] = 0.3,
+                 eps: Annotated[float, Range(1e-12, 1.0)] = 1e-6,
+                 lr_2d: Rate = DEFAULT_LR_2D, lr_3d: Rate = DEFAULT_LR_3D,
+                 weight_decay_2d: Rate = 0.0, predict_before_update: bool = True,
                  collapse_guard: Optional[CollapseGuard] = None):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f'{self.name}: momentum must be in [0, 1], got {momentum}')

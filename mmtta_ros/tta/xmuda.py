@@ -1,13 +1,17 @@
 """xMUDA (Jaritz et al., CVPR 2020) as test-time adaptation: cross-modal consistency only."""
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Annotated, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from mmtta_ros.tta.base import DEFAULT_LR_2D, DEFAULT_LR_3D, NormAdaptationMethod
+from mmtta_ros.tta.base import DEFAULT_LR_2D, DEFAULT_LR_3D, NormAdaptationMethod, Rate
 from mmtta_ros.tta.guard import CollapseGuard
+from mmtta_ros.tta.hyper import Range
 from mmtta_ros.tta.losses import cross_modal_consistency
+
+# A loss weight.
+Weight = Annotated[float, Range(0.0, 100.0)]
 
 
 class XMUDA(NormAdaptationMethod):
@@ -18,13 +22,15 @@ class XMUDA(NormAdaptationMethod):
     xMUDA's target-domain weight (0.1, also Latte's TTA setting); with Adam the overall
     scale of a single loss barely matters. Batch-norm affine parameters of both branches
     train; see NormAdaptationMethod for the optimisers.
+
+    consistency_weight: weight of the cross-modal KL consistency (xMUDA target: 0.1)
     """
 
     name = 'xmuda'
 
-    def __init__(self, model: nn.Module, *, consistency_weight: float = 0.1,
-                 lr_2d: float = DEFAULT_LR_2D, lr_3d: float = DEFAULT_LR_3D,
-                 weight_decay_2d: float = 0.0, predict_before_update: bool = True,
+    def __init__(self, model: nn.Module, *, consistency_weight: Weight = 0.1,
+                 lr_2d: Rate = DEFAULT_LR_2D, lr_3d: Rate = DEFAULT_LR_3D,
+                 weight_decay_2d: Rate = 0.0, predict_before_update: bool = True,
                  collapse_guard: Optional[CollapseGuard] = None):
         if not consistency_weight > 0.0:
             raise ValueError(f'{self.name}: consistency_weight must be > 0, '

@@ -1,14 +1,16 @@
 """xMUDA-PL as test-time adaptation: cross-modal consistency plus intra-modal pseudo-labels."""
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Annotated, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mmtta_ros.frame import IGNORE_INDEX
-from mmtta_ros.tta.base import DEFAULT_LR_2D, DEFAULT_LR_3D, NormAdaptationMethod
+from mmtta_ros.core.classes import IGNORE_INDEX
+from mmtta_ros.tta.base import DEFAULT_LR_2D, DEFAULT_LR_3D, NormAdaptationMethod, Rate
 from mmtta_ros.tta.guard import CollapseGuard
+from mmtta_ros.tta.hyper import Range
+from mmtta_ros.tta.xmuda import Weight
 from mmtta_ros.tta.losses import cross_modal_consistency, masked_cross_entropy
 
 
@@ -48,14 +50,21 @@ class XMUDAPseudoLabel(NormAdaptationMethod):
     threshold of class_confident_pseudo_labels (quantile, max_threshold). Weights default
     to xMUDA's target-domain ones (0.1 consistency, 1.0 pseudo-labels). Batch-norm affine
     parameters of both branches train; see NormAdaptationMethod for the optimisers.
+
+    consistency_weight: weight of the cross-modal KL consistency (xMUDA target: 0.1)
+    pseudo_label_weight: weight of the two branches' pseudo-label cross-entropy (xMUDA: 1)
+    quantile: per-class confidence quantile a point must reach to keep its pseudo-label
+    max_threshold: cap of that per-class confidence threshold
     """
 
     name = 'xmuda_pl'
 
-    def __init__(self, model: nn.Module, *, consistency_weight: float = 0.1,
-                 pseudo_label_weight: float = 1.0, quantile: float = 0.5,
-                 max_threshold: float = 0.9, lr_2d: float = DEFAULT_LR_2D,
-                 lr_3d: float = DEFAULT_LR_3D, weight_decay_2d: float = 0.0,
+    def __init__(self, model: nn.Module, *, consistency_weight: Weight = 0.1,
+                 pseudo_label_weight: Weight = 1.0,
+                 quantile: Annotated[float, Range(0.0, 1.0)] = 0.5,
+                 max_threshold: Annotated[float, Range(0.0, 1.0)] = 0.9,
+                 lr_2d: Rate = DEFAULT_LR_2D, lr_3d: Rate = DEFAULT_LR_3D,
+                 weight_decay_2d: Rate = 0.0,
                  predict_before_update: bool = True,
                  collapse_guard: Optional[CollapseGuard] = None):
         if consistency_weight < 0.0 or not pseudo_label_weight > 0.0:

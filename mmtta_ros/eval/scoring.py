@@ -11,23 +11,24 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
-from mmtta_ros.errors import SensorDataError
-from mmtta_ros.frame import CLASS_NAMES, Frame
-from mmtta_ros.metrics import ConfusionMatrix
-from mmtta_ros.pipeline import FrameResult, labels_in_view, SegmentationPipeline
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.classes import CLASS_NAMES
+from mmtta_ros.core.frame import Frame
+from mmtta_ros.eval.metrics import ConfusionMatrix
+from mmtta_ros.core.pipeline import FrameOutput, Pipeline
 
 HEADS = ('2d', '3d', '2d3d')
 
 
-def score_stream(pipeline: SegmentationPipeline, frames: Iterable[Frame],
+def score_stream(pipeline: Pipeline, frames: Iterable[Frame],
                  class_names: Sequence[str] = CLASS_NAMES,
-                 on_result: Optional[Callable[[Frame, FrameResult], None]] = None
+                 on_result: Optional[Callable[[FrameOutput], None]] = None
                  ) -> Dict[str, object]:
     """
     Run `pipeline` over `frames` in order; return mIoU per head and per-class IoU.
 
     Every frame adapts the method; unlabeled frames (a real bag between keyframes) are
-    counted but not scored. on_result(frame, result) sees every result (to record it).
+    counted but not scored. on_result(output) sees every output (to record its cloud).
     """
     matrices = {head: ConfusionMatrix(len(class_names)) for head in HEADS}
     num_frames, unlabeled, started = 0, 0, time.monotonic()
@@ -40,8 +41,8 @@ def score_stream(pipeline: SegmentationPipeline, frames: Iterable[Frame],
             rejected += 1  # as the node does: a frame it cannot use is skipped, not fatal
             continue
         if on_result is not None:
-            on_result(frame, result)
-        labels = labels_in_view(frame, result)
+            on_result(result)
+        labels = result.labels_in_view()
         if labels is None:
             unlabeled += 1
         else:

@@ -12,7 +12,7 @@ import torch
 
 from mmtta_ros.models.segmenter import (
     build_segmenter, DualBranchSegmenter, SegmenterConfig)
-from mmtta_ros.persist import atomic_torch_save, load_weights_only
+from mmtta_ros.core.persist import atomic_torch_save, load_weights_only
 
 PathLike = Union[str, os.PathLike]
 

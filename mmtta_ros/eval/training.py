@@ -18,12 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mmtta_ros.checkpoint import save_model_checkpoint
-from mmtta_ros.persist import load_weights_only
-from mmtta_ros.frame import Frame, IGNORE_INDEX
+from mmtta_ros.core.checkpoint import save_model_checkpoint
+from mmtta_ros.core.persist import load_weights_only
+from mmtta_ros.core.classes import IGNORE_INDEX
+from mmtta_ros.core.frame import Frame
 from mmtta_ros.models.segmenter import (
     build_segmenter, DualBranchSegmenter, SegmenterConfig, SegmenterInput)
-from mmtta_ros.pipeline import frames_to_input
+from mmtta_ros.core.batching import frames_to_input
 
 
 @dataclass
@@ -149,7 +150,7 @@ def train_source(frames: Sequence[Frame], model_config: SegmenterConfig,
 
 def load_trained(checkpoint_path, device: torch.device) -> Optional[DualBranchSegmenter]:
     """Return the model of a finished training run at `checkpoint_path`, or None."""
-    from mmtta_ros.checkpoint import load_model_checkpoint
+    from mmtta_ros.core.checkpoint import load_model_checkpoint
 
     if not Path(checkpoint_path).is_file():
         return None

@@ -1,5 +1,8 @@
 """
-Approximate time synchroniser for camera + camera_info + LiDAR, and a latest-item mailbox.
+The one pairing policy (camera image <-> LiDAR sweep), for the node and the bag reader alike.
+
+An approximate time synchroniser and the mailbox between the node's callbacks and its
+worker.
 
 Pure Python, no rclpy. The node's subscription callbacks call `ApproximateSynchronizer.add`
 from any thread. Completed sets come back as its return value, so no user code ever runs
@@ -8,7 +11,7 @@ contrast, runs the callback while holding its lock and matches by arrival order
 (ros2/message_filters #65).
 
 Matching: greedy by spread, and a set is emitted only once that choice is final.
-    A candidate set holds one queued message per timed input. Its spread is the latest stamp
+    A candidate set holds one queued message per input. Its spread is the latest stamp
     minus the earliest, and only sets with spread <= slop count. The candidates are ranked by
     (spread, earliest stamp, member stamps) and taken tightest first. A set is kept unless it
     shares a message with a kept set, or crosses one (later on one input and earlier on
@@ -21,42 +24,52 @@ Matching: greedy by spread, and a set is emitted only once that choice is final.
     set around one pivot message. With a large slop and lost messages, that can pair an image
     with one sweep while a nearer sweep exists. Here the result depends only on which messages
     arrived, not on their arrival order.
-    Latency: a set waits until every input has a message past it, about one period of the
-    slower input. At 12 Hz camera and 20 Hz LiDAR that is a median of 50 ms after its last
-    member arrives. Each add() re-plans over the queued messages: roughly 20-80 us for two
-    inputs and a queue of 10. The cost grows with queue_size and with slop.
+    Latency: with nothing known about the inputs' rates, a set waits until every input has
+    a message past it, about one period of the slower input (at 12 Hz camera and 20 Hz
+    LiDAR a median of ~50 ms after its last member arrives). With `period_fraction` f > 0
+    the synchroniser assumes no message comes sooner than f times the shortest of its
+    input's recent gaps after the newest one: a set is then final as soon as no message
+    that early could beat it, usually on arrival of its last member. Sensors publish at a
+    fixed rate, so f = 0.5 is safe while jitter stays under half a period; a message that
+    breaks the assumption is still matched, but the set it would have beaten may already
+    be out. f = 0 keeps the exact guarantee for any stream. Each add() re-plans over the
+    queued messages: roughly 20-80 us for two inputs and a queue of 10. The cost grows with
+    queue_size and with slop.
 Arrival assumptions: each input's messages arrive in stamp order, or at least every message
     arrives before any message of its own input stamped `reorder_window_ns` or more later.
     Different topics may interleave in any order. A message that breaks the assumption is
     still used (and counted as `late`), unless it is no newer than the last message matched
     or dropped on its input. Then it is stale and dropped.
-Latest inputs (`optional_latest`): not matched by time. The most recent message received is
-    attached to every set, whatever its stamp, and is None until one arrives. This is meant
-    for camera_info, which then works whether it is stamped with each image or latched and
-    published once. Time jumps and `reset()` keep it, since calibration outlives a replay loop.
+End of stream: `flush()` (offline, at the end of a bag) emits every set that is kept once
+    no further message can come.
 Time jumps: a stamp more than `clock_jump_ns` older than the newest on its input (a looping
     bag replay) clears every queue and is reported as a `TimeJump` event. A message from
     before the loop that arrives after the jump, on another input, is taken for the new
     stretch; the next message on that input then reads as a second jump. A forward gap
     needs no handling: messages that can no longer be matched are dropped.
 Bounded memory: each queue holds at most `queue_size` messages; when full, the oldest goes.
-Accounting, per timed input:
+Accounting, per input:
     received == matched + dropped (stale, queue_full, out_of_slop, unmatched, reset) + pending.
 """
 
 from bisect import bisect_left, bisect_right
+from collections import deque
 from dataclasses import dataclass
 from itertools import product
 import operator
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
-from mmtta_ros.errors import SensorDataError
+from mmtta_ros.core.errors import SensorDataError
 
 # A queued message's place in its input's order: (stamp_ns, arrival number); the arrival
 # number breaks ties between equal stamps without ever comparing the messages themselves.
 _Key = Tuple[int, int]
 _Members = Tuple[_Key, ...]
+# period_fraction looks at this many recent gaps per input, and needs this many to act.
+_GAP_HISTORY, _MIN_GAPS = 16, 3
+# A horizon past every stamp (2262): at the end of a stream nothing more comes.
+_NEVER = 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
@@ -64,16 +77,15 @@ class MatchedSet:
     """
     One message per input, close in time.
 
-    messages:  the messages by input index; an `optional_latest` input holds the newest
-               message received on it, or None if none has come yet
-    stamps_ns: their stamps, integer nanoseconds (None where the message is None)
-    spread_ns: max - min stamp over the time-matched inputs, nanoseconds
+    messages:  the messages by input index
+    stamps_ns: their stamps, integer nanoseconds
+    spread_ns: max - min stamp, nanoseconds
     seq:       0, 1, 2, ... in emission (= stamp) order; with several callback threads the
                sets can reach their callers out of order, and seq puts them back in order
     """
 
     messages: Tuple[Any, ...]
-    stamps_ns: Tuple[Optional[int], ...]
+    stamps_ns: Tuple[int, ...]
     spread_ns: int
     seq: int
 
@@ -109,14 +121,14 @@ class SyncStats:
     Counters of an ApproximateSynchronizer, one entry per input unless said otherwise.
 
     received:            messages passed to add()
-    matched:             messages emitted in a matched set (latest inputs: 0)
+    matched:             messages emitted in a matched set
     dropped_stale:       no newer than the last message matched or dropped on that input
     dropped_queue_full:  pushed out of a full queue, oldest first
     dropped_out_of_slop: no message on some other input within slop of it
     dropped_unmatched:   its candidate sets lost to tighter ones
     dropped_reset:       cleared by a time jump or reset()
     late:                arrived after the reorder window (still used); not a drop
-    pending:             queued now (latest inputs: 1 if a message is held)
+    pending:             queued now
     sets:                matched sets emitted (one number)
     time_jumps:          backward time jumps seen (one number)
     """
@@ -186,11 +198,11 @@ class ApproximateSynchronizer:
 
     def __init__(self, num_inputs: int, slop_ns: int, queue_size: int = 10, *,
                  clock_jump_ns: int = 1_000_000_000, reorder_window_ns: int = 0,
-                 optional_latest: Iterable[int] = ()):
+                 period_fraction: float = 0.0):
         """
         Build an empty synchroniser.
 
-        num_inputs:        number of inputs, time-matched and latest together
+        num_inputs:        number of inputs
         slop_ns:           largest stamp spread of a matched set, nanoseconds
         queue_size:        most messages held per input; hold at least the messages that
                            arrive within the longest gap of the slowest input plus the
@@ -199,29 +211,22 @@ class ApproximateSynchronizer:
         reorder_window_ns: how late (in stamp time) a message may arrive behind newer ones of
                            its own input and still be matched as if in order; adds this much
                            latency. 0 when each input's stamps increase (the usual case)
-        optional_latest:   indices of inputs attached as "latest received", not matched
+        period_fraction:   0 <= f < 1: assume each input's next message is stamped at least
+                           f x its shortest recent gap after its newest (see the module
+                           docstring, Latency); 0 assumes nothing
         """
         self.num_inputs = operator.index(num_inputs)
-        latest = sorted({operator.index(i) for i in optional_latest})
         if self.num_inputs < 1:
             raise ValueError(f'num_inputs must be >= 1, got {num_inputs}')
         self._lock = threading.Lock()
+        self.period_fraction = 0.0
         self.configure(slop_ns=slop_ns, queue_size=queue_size, clock_jump_ns=clock_jump_ns,
-                       reorder_window_ns=reorder_window_ns)
-        if any(not 0 <= i < self.num_inputs for i in latest):
-            raise ValueError(f'optional_latest {latest} has indices outside 0..{num_inputs - 1}')
-        self.latest_inputs: Tuple[int, ...] = tuple(latest)
-        self.timed_inputs: Tuple[int, ...] = tuple(
-            i for i in range(self.num_inputs) if i not in latest)
-        if not self.timed_inputs:
-            raise ValueError('at least one input must be matched by time: all inputs are '
-                             'optional_latest')
+                       reorder_window_ns=reorder_window_ns, period_fraction=period_fraction)
         self._arrivals = 0
         self._counts: Dict[str, List[int]] = {
             name: [0] * self.num_inputs for name in _COUNTERS}
         self._sets = 0
         self._time_jumps = 0
-        self._latest: Dict[int, Tuple[int, Any]] = {}
         self._clear_timed()
 
     # -- public -------------------------------------------------------------------------
@@ -242,11 +247,8 @@ class ApproximateSynchronizer:
             raise SensorDataError(f'negative stamp {stamp_ns} ns on input {index}')
         with self._lock:
             self._counts['received'][index] += 1
-            if index in self.latest_inputs:
-                self._latest[index] = (stamp_ns, message)
-                return []
             events: List[SyncEvent] = []
-            t = self.timed_inputs.index(index)
+            t = index
             newest = self._newest[t]
             if newest is not None and stamp_ns < newest - self.clock_jump_ns:
                 cleared = self._drop_all('dropped_reset')
@@ -263,6 +265,8 @@ class ApproximateSynchronizer:
             self._keys[t].insert(position, key)
             self._messages[t].insert(position, message)
             newest = self._newest[t]  # None again after a time jump
+            if newest is not None and stamp_ns > newest:
+                self._gaps[t].append(stamp_ns - newest)
             self._newest[t] = stamp_ns if newest is None else max(newest, stamp_ns)
             events.extend(self._settle())
             # Only after matching: a full queue first gets the chance to match the newcomer.
@@ -272,9 +276,16 @@ class ApproximateSynchronizer:
                 events.extend(self._settle())
             return events
 
+    def flush(self) -> List[MatchedSet]:
+        """End of stream: emit every set kept once no further message can come; clear the rest."""
+        with self._lock:
+            emitted = self._settle(end_of_stream=True)
+            self._drop_all('dropped_unmatched')
+            return emitted
+
     def configure(self, *, slop_ns: Optional[int] = None, queue_size: Optional[int] = None,
-                  clock_jump_ns: Optional[int] = None,
-                  reorder_window_ns: Optional[int] = None) -> None:
+                  clock_jump_ns: Optional[int] = None, reorder_window_ns: Optional[int] = None,
+                  period_fraction: Optional[float] = None) -> None:
         """
         Change settings while running (None keeps one); they apply from the next add().
 
@@ -289,26 +300,24 @@ class ApproximateSynchronizer:
         for name, value in values.items():
             if value < minimum[name]:
                 raise ValueError(f'{name} must be >= {minimum[name]}, got {value}')
+        if period_fraction is not None and not 0.0 <= period_fraction < 1.0:
+            raise ValueError(f'period_fraction must be in [0, 1), got {period_fraction}')
         with self._lock:
             for name, value in values.items():
                 setattr(self, name, value)
+            if period_fraction is not None:
+                self.period_fraction = float(period_fraction)
 
-    def reset(self, clear_latest: bool = False) -> None:
-        """Drop every queued message and forget the stamps seen (optionally the latest too)."""
+    def reset(self) -> None:
+        """Drop every queued message and forget the stamps seen."""
         with self._lock:
             self._drop_all('dropped_reset')
-            if clear_latest:
-                self._latest.clear()
 
     @property
     def stats(self) -> SyncStats:
         """Return a snapshot of the counters."""
         with self._lock:
-            pending = [0] * self.num_inputs
-            for t, i in enumerate(self.timed_inputs):
-                pending[i] = len(self._keys[t])
-            for i in self._latest:
-                pending[i] = 1
+            pending = [len(keys) for keys in self._keys]
             counts = {name: tuple(values) for name, values in self._counts.items()}
             return SyncStats(**counts, pending=tuple(pending), sets=self._sets,
                              time_jumps=self._time_jumps)
@@ -316,24 +325,26 @@ class ApproximateSynchronizer:
     # -- queues -------------------------------------------------------------------------
 
     def _clear_timed(self) -> None:
-        num_timed = len(self.timed_inputs)
-        self._keys: List[List[_Key]] = [[] for _ in range(num_timed)]
-        self._messages: List[List[Any]] = [[] for _ in range(num_timed)]
+        n = self.num_inputs
+        self._keys: List[List[_Key]] = [[] for _ in range(n)]
+        self._messages: List[List[Any]] = [[] for _ in range(n)]
         # Newest stamp received, and stamp of the last message matched or dropped, per input.
-        self._newest: List[Optional[int]] = [None] * num_timed
-        self._consumed: List[Optional[int]] = [None] * num_timed
+        self._newest: List[Optional[int]] = [None] * n
+        self._consumed: List[Optional[int]] = [None] * n
+        # Recent gaps between consecutive stamps, per input (for period_fraction).
+        self._gaps: List[Deque[int]] = [deque(maxlen=_GAP_HISTORY) for _ in range(n)]
 
     def _drop_all(self, reason: str) -> int:
         cleared = 0
-        for t, i in enumerate(self.timed_inputs):
-            self._counts[reason][i] += len(self._keys[t])
+        for t in range(self.num_inputs):
+            self._counts[reason][t] += len(self._keys[t])
             cleared += len(self._keys[t])
         self._clear_timed()
         return cleared
 
     def _pop_front(self, t: int, reason: str) -> Any:
         key = self._keys[t].pop(0)
-        self._counts[reason][self.timed_inputs[t]] += 1
+        self._counts[reason][t] += 1
         self._consumed[t] = key[0]
         return self._messages[t].pop(0)
 
@@ -360,7 +371,22 @@ class ApproximateSynchronizer:
         sets.sort()
         return sets
 
-    def _decide(self) -> Tuple[List[_Members], set, set]:
+    def _horizons(self, end_of_stream: bool) -> List[Optional[int]]:
+        """Messages still to come on input t are stamped > horizons[t] (None: no bound)."""
+        if end_of_stream:
+            return [_NEVER] * self.num_inputs
+        horizons: List[Optional[int]] = []
+        for newest, gaps in zip(self._newest, self._gaps):
+            if newest is None:
+                horizons.append(None)
+                continue
+            horizon = newest - self.reorder_window_ns
+            if self.period_fraction > 0.0 and len(gaps) >= _MIN_GAPS:
+                horizon += int(self.period_fraction * min(gaps))
+            horizons.append(horizon)
+        return horizons
+
+    def _decide(self, end_of_stream: bool = False) -> Tuple[List[_Members], set, set]:
         """
         Return (final kept sets in time order, messages never to match, messages in any set).
 
@@ -369,9 +395,7 @@ class ApproximateSynchronizer:
         tighter set it conflicts with was rejected by a final set; a rejected set is final
         when a final set rejected it.
         """
-        # Messages still to come on input t are stamped > horizons[t].
-        horizons = [None if newest is None else newest - self.reorder_window_ns
-                    for newest in self._newest]
+        horizons = self._horizons(end_of_stream)
         kept: List[Tuple[_Members, bool]] = []
         rejected: List[Tuple[_Members, bool]] = []
         undecided = set()  # messages of a kept set, or of a set not surely rejected
@@ -405,10 +429,10 @@ class ApproximateSynchronizer:
                 dead.add(key)
         return final_kept, dead, in_any
 
-    def _settle(self) -> List[MatchedSet]:
+    def _settle(self, end_of_stream: bool = False) -> List[MatchedSet]:
         """Emit final sets in time order, dropping messages that will never match."""
         emitted: List[MatchedSet] = []
-        final_kept, dead, in_any = self._decide()
+        final_kept, dead, in_any = self._decide(end_of_stream)
         final_kept.reverse()
         while True:
             for t, keys in enumerate(self._keys):
@@ -425,32 +449,31 @@ class ApproximateSynchronizer:
         return emitted
 
     def _emit(self, members: _Members) -> MatchedSet:
-        messages: List[Any] = [None] * self.num_inputs
-        stamps: List[Optional[int]] = [None] * self.num_inputs
-        for t, i in enumerate(self.timed_inputs):
-            messages[i] = self._pop_front(t, 'matched')
-            stamps[i] = members[t][0]
-        for i, (stamp, message) in self._latest.items():
-            messages[i], stamps[i] = message, stamp
+        messages = [self._pop_front(t, 'matched') for t in range(self.num_inputs)]
+        stamps = [key[0] for key in members]
         spread = _end(members) - min(key[0] for key in members)
         self._sets += 1
         return MatchedSet(tuple(messages), tuple(stamps), spread, self._sets - 1)
 
 
-class LatestSlot:
+class Mailbox:
     """
-    A one-item mailbox between threads: a new item replaces one not yet taken.
+    The hand-over between the subscription callbacks and the worker thread.
 
-    The subscription side puts matched sets; a worker takes the newest, so processing
-    always runs on the latest data and nothing queues up without bound. Counters:
-    put_count (calls to put), taken, dropped (replaced or cleared before being taken, or
-    refused as older than an item already put); put_count == taken + dropped + pending.
+    capacity 1 (the node's default): a new item replaces one not yet taken, so processing
+    always runs on the latest data and nothing queues up. capacity N: a FIFO of up to N
+    items, the oldest dropped when full (process every pair of a replay in order).
+    Counters: put_count (calls to put), taken, dropped (replaced, pushed out or cleared
+    before being taken, or refused as older than an item already put);
+    put_count == taken + dropped + pending.
     """
 
-    def __init__(self):
+    def __init__(self, capacity: int = 1):
+        if int(capacity) < 1:
+            raise ValueError(f'a mailbox holds at least 1 item, got capacity={capacity}')
+        self.capacity = int(capacity)
         self._cond = threading.Condition()
-        self._item: Any = None
-        self._full = False
+        self._items: Deque[Any] = deque()
         self._closed = False
         self._last_order: Optional[int] = None
         self.put_count = 0
@@ -459,11 +482,11 @@ class LatestSlot:
 
     def put(self, item: Any, order: Optional[int] = None) -> bool:
         """
-        Store `item`, replacing any item not yet taken; return whether an item was dropped.
+        Store `item`, dropping the oldest item if full; return whether an item was dropped.
 
         order: optional rank (e.g. MatchedSet.seq); an item ranked no higher than the last
         stored one is refused (and counted dropped), so a slow producer thread cannot
-        replace newer data with older.
+        put older data behind newer.
         """
         with self._cond:
             self.put_count += 1
@@ -472,29 +495,30 @@ class LatestSlot:
                 return True
             if order is not None:
                 self._last_order = order
-            replaced = self._full
-            self.dropped += int(replaced)
-            self._item, self._full = item, True
+            replaced = len(self._items) >= self.capacity
+            if replaced:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append(item)
             self._cond.notify()
             return replaced
 
     def take(self, timeout: Optional[float] = None) -> Optional[Any]:
-        """Return the newest item, waiting up to `timeout` s (None: forever); None if none."""
+        """Return the oldest item held, waiting up to `timeout` s (None: forever); None if none."""
         with self._cond:
-            self._cond.wait_for(lambda: self._full or self._closed, timeout)
-            if not self._full:
+            self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            if not self._items:
                 return None
-            item, self._item, self._full = self._item, None, False
             self.taken += 1
-            return item
+            return self._items.popleft()
 
-    def clear(self) -> bool:
-        """Drop the item not yet taken, if any (counted); return whether there was one."""
+    def clear(self) -> int:
+        """Drop every item not yet taken (counted); return how many there were."""
         with self._cond:
-            had_item = self._full
-            self.dropped += int(had_item)
-            self._item, self._full = None, False
-            return had_item
+            count = len(self._items)
+            self.dropped += count
+            self._items.clear()
+            return count
 
     def close(self) -> None:
         """Wake every waiting take() (at shutdown); later takes return without waiting."""
@@ -503,12 +527,7 @@ class LatestSlot:
             self._cond.notify_all()
 
     @property
-    def closed(self) -> bool:
-        """Return whether close() was called."""
-        return self._closed
-
-    @property
-    def pending(self) -> bool:
-        """Return whether an item is waiting to be taken."""
+    def pending(self) -> int:
+        """Return the number of items waiting to be taken."""
         with self._cond:
-            return self._full
+            return len(self._items)

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from mmtta_ros.datasets import load_frames, save_frames
-from mmtta_ros.frame import Frame
+from mmtta_ros.eval.frame_cache import load_frames, save_frames
+from mmtta_ros.core.frame import Frame
 
 
 def _frame(index, num_points, labeled=True):

@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from mmtta_ros.frame import IGNORE_INDEX
+from mmtta_ros.core.classes import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -14,7 +14,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from mmtta_ros.frame import Frame
+from mmtta_ros.core.frame import Frame
 
 PathLike = Union[str, os.PathLike]
 

@@ -1,0 +1,92 @@
+"""
+The one builder: parameters -> device, model, method with its guard, pipeline; and the pairing.
+
+The node, `mmtta_evaluate`, the benchmarks, the demo and the tests all build here from the
+same typed parameters (`core.params`), so nothing about the object graph differs between
+what runs live and what is scored offline.
+"""
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from mmtta_ros.core.checkpoint import load_model_checkpoint
+from mmtta_ros.core.pairing import ApproximateSynchronizer
+from mmtta_ros.core.params import PipelineParams, SyncParams
+from mmtta_ros.core.pipeline import Pipeline
+from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
+from mmtta_ros.tta import build_method, CollapseGuard
+
+LOGGER = logging.getLogger(__name__)
+
+
+def select_device(name: str = 'auto') -> torch.device:
+    """Turn 'auto' | 'cuda' | 'cpu' into a torch.device; 'cuda' without a GPU is an error."""
+    name = str(name).lower()
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise ValueError('device cuda requested but torch sees no CUDA device; '
+                             'use auto or cpu')
+        return torch.device(name)
+    if name == 'cpu':
+        return torch.device('cpu')
+    raise ValueError(f'unknown device {name!r}; use auto, cuda or cpu')
+
+
+def configure_torch(device: str = 'auto', threads: int = 0) -> torch.device:
+    """Set torch's CPU threads (0 keeps torch's default) and return the selected device."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    return select_device(device)
+
+
+def build_model(params: PipelineParams, device: torch.device,
+                warn: Callable[[str], None] = LOGGER.warning) -> torch.nn.Module:
+    """Load the source model from the checkpoint (or build a random one, with a warning)."""
+    model_params = params.model
+    if model_params.checkpoint:
+        model, config, _ = load_model_checkpoint(model_params.checkpoint, device)
+        if config.num_classes != len(model_params.class_names):
+            raise ValueError(
+                f'{model_params.checkpoint} predicts {config.num_classes} classes but '
+                f'classes.names lists {len(model_params.class_names)}')
+        return model
+    warn('model.checkpoint is empty: running a randomly initialised '
+         f'{model_params.size} segmenter (labels will be meaningless)')
+    config = SegmenterConfig(size=model_params.size,
+                             num_classes=len(model_params.class_names))
+    return build_segmenter(config).to(device)
+
+
+def build_pipeline(params: PipelineParams, *, model: Optional[torch.nn.Module] = None,
+                   warn: Callable[[str], None] = LOGGER.warning) -> Pipeline:
+    """
+    Build the pipeline the parameters describe.
+
+    model: an already built source model to wrap instead of loading the checkpoint (tests,
+    benchmarks with random weights); it is taken over and configured in place.
+    """
+    device = configure_torch(params.model.device, params.model.threads)
+    if model is None:
+        model = build_model(params, device, warn)
+    adaptation = params.adaptation
+    guard = None
+    if adaptation.collapse_guard and adaptation.method != 'source':
+        guard = CollapseGuard(max_dominant_fraction=adaptation.max_dominant_fraction,
+                              patience=adaptation.patience)
+    method = build_method(adaptation.method, model, collapse_guard=guard,
+                          **dict(adaptation.hyperparameters))
+    return Pipeline(method, device, batch_frames=adaptation.batch_frames,
+                    min_depth=params.model.min_depth, image_size=params.model.image_size,
+                    inputs=params.inputs, output=params.output)
+
+
+def build_synchronizer(params: SyncParams) -> ApproximateSynchronizer:
+    """Return the pairing of images (input 0) with LiDAR sweeps (input 1)."""
+    return ApproximateSynchronizer(
+        num_inputs=2, slop_ns=int(round(params.slop_s * 1e9)), queue_size=params.queue_size,
+        clock_jump_ns=int(round(params.time_jump_s * 1e9)),
+        period_fraction=params.period_fraction)

@@ -1,0 +1,396 @@
+"""
+The parameters: one table (name, default, description, range), checks, typed structs.
+
+ROS-free: the node declares every entry (`mmtta_ros.ros.params`), the offline tools read
+the same names from config/adapt.yaml, and both turn the checked values into the same
+frozen structs (`NodeParams`), which are all the builder and the node ever read.
+
+Method hyperparameters are not written here: `adaptation.<method>.<name>` is generated
+from each registered method's keyword-only constructor arguments (`tta.hyper`).
+"""
+
+from dataclasses import dataclass, field
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import yaml
+
+from mmtta_ros.core.classes import CLASS_NAMES, CLASS_PALETTE
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.sensors.projection import parse_extrinsics
+from mmtta_ros.tta.hyper import hyperparameters
+from mmtta_ros.tta.registry import METHODS
+
+NODE_NAME = 'mmtta_adapt'
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: default (its type is the parameter's type), description, limits."""
+
+    name: str
+    default: Any
+    description: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    read_only: bool = False
+
+
+BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
+    # Inputs and synchronisation.
+    ParamSpec('image_transport', 'compressed', 'camera input type: compressed '
+              '(sensor_msgs/CompressedImage, jpeg/png) or raw (sensor_msgs/Image)',
+              choices=('compressed', 'raw'), read_only=True),
+    ParamSpec('sync.slop', 0.05, 'largest stamp difference (s) between a LiDAR sweep and the '
+              'image it is paired with', 0.001, 1.0),
+    ParamSpec('sync.queue_size', 10, 'messages kept per input while waiting for a match', 1, 100,
+              read_only=True),
+    ParamSpec('sync.time_jump', 1.0, 'a stamp this many seconds older than the newest one is a '
+              'backward time jump (looping bag): queues are cleared', 0.01, 3600.0),
+    ParamSpec('sync.period_fraction', 0.5, 'assume no message comes sooner than this fraction '
+              'of the shortest recent gap of its input, so a pair is final without waiting '
+              'for the next message (0: wait, exact for any stream)', 0.0, 0.9),
+    ParamSpec('worker.process_every_pair', False, 'process every matched pair in order (a '
+              'queue) instead of only the newest (replays, equivalence checks)', read_only=True),
+    ParamSpec('worker.queue_size', 1000, 'pairs held for process_every_pair; beyond it the '
+              'oldest are dropped and counted', 1, 100000, read_only=True),
+    ParamSpec('max_stamp_skew', 0.0, 'reject a pair whose stamp is this many seconds away from '
+              'the node clock (0: accept any; use with use_sim_time during replay)', 0.0, 1e9),
+    # Model.
+    ParamSpec('model.size', 'tiny', 'segmenter size if no checkpoint is given',
+              choices=('tiny', 'xmuda'), read_only=True),
+    ParamSpec('model.checkpoint', '', 'source-model checkpoint (.pt from mmtta_train); empty: '
+              'random weights (only useful for testing)', read_only=True),
+    ParamSpec('model.image_width', 400, 'width the image is resized to for the 2D branch', 32,
+              4096, read_only=True),
+    ParamSpec('model.image_height', 225, 'height the image is resized to for the 2D branch', 32,
+              4096, read_only=True),
+    ParamSpec('device', 'auto', 'auto (CUDA when available), cuda or cpu',
+              choices=('auto', 'cuda', 'cpu'), read_only=True),
+    ParamSpec('threads', 0, 'torch CPU threads (0: torch default)', 0, 256, read_only=True),
+    ParamSpec('min_depth', 1.0, 'points closer to the camera than this (m) are not labeled', 0.0,
+              100.0, read_only=True),
+    # Adaptation (the chosen method's own parameters are generated below).
+    ParamSpec('adaptation.method', 'mmtta', 'test-time adaptation method',
+              choices=tuple(METHODS), read_only=True),
+    ParamSpec('adaptation.batch_frames', 1, 'adapt on the last N frames (one step per frame)', 1,
+              16, read_only=True),
+    # Calibration and classes.
+    ParamSpec('calibration.T_cam_from_lidar', [0.0], 'LiDAR->camera transform: 16 numbers '
+              '(4x4 row-major) or 7 (x y z qx qy qz qw)', read_only=True),
+    ParamSpec('classes.names', list(CLASS_NAMES), 'class names, in the model\'s output order',
+              read_only=True),
+    ParamSpec('classes.palette', [int(v) for v in CLASS_PALETTE.reshape(-1)],
+              'RGB per class, flattened (3 integers 0..255 per class)', read_only=True),
+    # Outputs.
+    ParamSpec('output.publish_overlay', True, 'publish the camera image with labeled points'),
+    ParamSpec('output.include_out_of_view', True, 'also publish points outside the camera view '
+              '(label 65535, grey)'),
+    ParamSpec('diagnostics_period', 1.0, 'seconds between /diagnostics messages', 0.1, 60.0,
+              read_only=True),
+    # Safety and state.
+    ParamSpec('reset.on_time_jump', False, 'reset adaptation to the source model on a backward '
+              'time jump'),
+    ParamSpec('reset.collapse_guard', True, 'reset automatically when predictions collapse',
+              read_only=True),
+    ParamSpec('reset.max_dominant_fraction', 0.95, 'collapse: one class takes more than this '
+              'fraction of the points ...', 0.0, 1.0, read_only=True),
+    ParamSpec('reset.patience', 10, '... for this many frames in a row', 1, 10000,
+              read_only=True),
+    ParamSpec('state.save_path', '', 'where the adapted state is saved (empty: never)',
+              read_only=True),
+    ParamSpec('state.save_period', 0.0, 'seconds between automatic saves (0: only on request '
+              'and at shutdown)', 0.0, 86400.0),
+    ParamSpec('state.save_on_shutdown', True, 'save the adapted state at shutdown'),
+    ParamSpec('state.load_on_start', False, 'resume from state.save_path if it exists',
+              read_only=True),
+)
+
+
+def method_parameter_specs() -> Tuple[ParamSpec, ...]:
+    """Return `adaptation.<method>.<name>` for every hyperparameter of every method."""
+    specs = []
+    for method, cls in METHODS.items():
+        for hyper in hyperparameters(cls):
+            low, high = (hyper.range.low, hyper.range.high) if hyper.range else (None, None)
+            specs.append(ParamSpec(
+                f'adaptation.{method}.{hyper.name}', hyper.kind(hyper.default),
+                f'{method}: {hyper.description}', low, high, hyper.choices, read_only=True))
+    return tuple(specs)
+
+
+PARAMETERS: Tuple[ParamSpec, ...] = BASE_PARAMETERS + method_parameter_specs()
+SPECS: Dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+
+
+def coerce_value(name: str, value: Any) -> Any:
+    """
+    Return `value` in the type of parameter `name` where that is lossless, else unchanged.
+
+    Users type `-p sync.slop:=1` for a float, and YAML reads `1e-6` (no dot) as a string:
+    both are numbers for a float parameter. Sequences become lists.
+    """
+    spec = SPECS.get(name)
+    if isinstance(value, (tuple, np.ndarray)):
+        value = list(value)
+    if spec is None or isinstance(spec.default, bool) or not isinstance(spec.default, float):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def check_value(name: str, value: Any) -> Optional[str]:
+    """Return why `value` is not acceptable for parameter `name`, or None if it is."""
+    spec = SPECS.get(name)
+    if spec is None:
+        return f'unknown parameter {name!r}'
+    if isinstance(spec.default, bool):
+        if not isinstance(value, bool):
+            return f'{name} must be true or false, got {value!r}'
+        return None
+    if isinstance(spec.default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f'{name} must be a number, got {value!r}'
+        if isinstance(spec.default, int) and not isinstance(value, int):
+            return f'{name} must be an integer, got {value!r}'
+        if not math.isfinite(value):
+            return f'{name} must be finite, got {value!r}'
+        if spec.low is not None and value < spec.low:
+            return f'{name} must be >= {spec.low}, got {value}'
+        if spec.high is not None and value > spec.high:
+            return f'{name} must be <= {spec.high}, got {value}'
+        return None
+    if isinstance(spec.default, str) and not isinstance(value, str):
+        return f'{name} must be a string, got {value!r}'
+    if isinstance(spec.default, list) and not isinstance(value, list):
+        return f'{name} must be a list, got {value!r}'
+    if spec.choices and value not in spec.choices:
+        return f'{name} must be one of {", ".join(spec.choices)}; got {value!r}'
+    if name == 'calibration.T_cam_from_lidar':
+        if list(value) == [0.0]:
+            return None  # unset: the node then needs the transform from elsewhere
+        try:
+            parse_extrinsics(list(value))
+        except (SensorDataError, TypeError, ValueError) as error:
+            return f'{name}: {error}'
+    if name == 'classes.palette':
+        if len(value) % 3 or any(isinstance(v, bool) or not isinstance(v, int)
+                                 or not 0 <= v <= 255 for v in value):
+            return f'{name} needs 3 integers in 0..255 per class, got {value!r}'
+    return None
+
+
+# --- typed structs: what the builder and the node read ----------------------------------
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The source model and where it runs."""
+
+    checkpoint: str = ''
+    size: str = 'tiny'
+    device: str = 'auto'
+    threads: int = 0
+    image_size: Tuple[int, int] = (400, 225)  # (width, height) the 2D branch sees
+    min_depth: float = 1.0
+    class_names: Tuple[str, ...] = CLASS_NAMES
+
+
+@dataclass(frozen=True)
+class AdaptationParams:
+    """The method, its hyperparameters and the collapse guard around it."""
+
+    method: str = 'mmtta'
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    batch_frames: int = 1
+    collapse_guard: bool = True
+    max_dominant_fraction: float = 0.95
+    patience: int = 10
+
+
+@dataclass(frozen=True)
+class OutputParams:
+    """How a labeled frame is packed for publishing (the same online and offline)."""
+
+    palette: np.ndarray = field(default_factory=lambda: CLASS_PALETTE.copy())
+    include_out_of_view: bool = True
+    publish_overlay: bool = True
+
+
+@dataclass(frozen=True)
+class InputParams:
+    """How messages become frames."""
+
+    raw_image: bool = False
+    T_cam_from_lidar: Optional[np.ndarray] = None  # <float64: 4, 4>, None: not given
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """Everything `core.builder.build_pipeline` needs."""
+
+    model: ModelParams = ModelParams()
+    adaptation: AdaptationParams = AdaptationParams()
+    output: OutputParams = OutputParams()
+    inputs: InputParams = InputParams()
+
+
+@dataclass(frozen=True)
+class SyncParams:
+    """The pairing policy (`core.pairing.ApproximateSynchronizer`), node and bag reader alike."""
+
+    slop_s: float = 0.05
+    queue_size: int = 10
+    time_jump_s: float = 1.0
+    period_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class StateParams:
+    """Saving and resuming the adapted state."""
+
+    save_path: str = ''
+    save_period_s: float = 0.0
+    save_on_shutdown: bool = True
+    load_on_start: bool = False
+
+
+@dataclass(frozen=True)
+class NodeParams:
+    """Every parameter of the node, checked and typed."""
+
+    pipeline: PipelineParams
+    sync: SyncParams
+    state: StateParams
+    process_every_pair: bool = False
+    worker_queue_size: int = 1000
+    max_stamp_skew_s: float = 0.0
+    diagnostics_period_s: float = 1.0
+    reset_on_time_jump: bool = False
+
+
+def default_values() -> Dict[str, Any]:
+    """Return {name: default} of every parameter."""
+    return {spec.name: spec.default for spec in PARAMETERS}
+
+
+def check_values(values: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """Return (every parameter's value: defaults overlaid with `values`, problems found)."""
+    merged = default_values()
+    problems = []
+    for name, value in values.items():
+        value = coerce_value(name, value)
+        reason = check_value(name, value)
+        if reason:
+            problems.append(reason)
+        else:
+            merged[name] = value
+    names, palette = merged['classes.names'], merged['classes.palette']
+    if len(palette) != 3 * len(names):
+        problems.append(
+            f'classes.palette has {len(palette) // 3} colours for {len(names)} classes')
+    return merged, problems
+
+
+def node_params(values: Mapping[str, Any]) -> NodeParams:
+    """Return the typed parameters of checked `values`; ValueError lists every problem."""
+    v, problems = check_values(values)
+    if problems:
+        raise ValueError('invalid parameters: ' + '; '.join(problems))
+    method = v['adaptation.method']
+    prefix = f'adaptation.{method}.'
+    T = list(v['calibration.T_cam_from_lidar'])
+    pipeline = PipelineParams(
+        model=ModelParams(
+            checkpoint=v['model.checkpoint'], size=v['model.size'], device=v['device'],
+            threads=v['threads'],
+            image_size=(int(v['model.image_width']), int(v['model.image_height'])),
+            min_depth=v['min_depth'], class_names=tuple(v['classes.names'])),
+        adaptation=AdaptationParams(
+            method=method, batch_frames=v['adaptation.batch_frames'],
+            hyperparameters={name[len(prefix):]: value for name, value in v.items()
+                             if name.startswith(prefix)},
+            collapse_guard=v['reset.collapse_guard'],
+            max_dominant_fraction=v['reset.max_dominant_fraction'],
+            patience=v['reset.patience']),
+        output=output_params(v),
+        inputs=InputParams(raw_image=v['image_transport'] == 'raw',
+                           T_cam_from_lidar=None if T == [0.0] else parse_extrinsics(T)))
+    return NodeParams(
+        pipeline=pipeline,
+        sync=SyncParams(slop_s=v['sync.slop'], queue_size=v['sync.queue_size'],
+                        time_jump_s=v['sync.time_jump'],
+                        period_fraction=v['sync.period_fraction']),
+        state=StateParams(save_path=v['state.save_path'], save_period_s=v['state.save_period'],
+                          save_on_shutdown=v['state.save_on_shutdown'],
+                          load_on_start=v['state.load_on_start']),
+        process_every_pair=v['worker.process_every_pair'],
+        worker_queue_size=v['worker.queue_size'],
+        max_stamp_skew_s=v['max_stamp_skew'],
+        diagnostics_period_s=v['diagnostics_period'],
+        reset_on_time_jump=v['reset.on_time_jump'])
+
+
+def output_params(values: Mapping[str, Any]) -> OutputParams:
+    """Return the output settings of checked `values` (they can change at run time)."""
+    return OutputParams(
+        palette=np.asarray(values['classes.palette'], dtype=np.uint8).reshape(-1, 3),
+        include_out_of_view=values['output.include_out_of_view'],
+        publish_overlay=values['output.publish_overlay'])
+
+
+# --- the YAML file: the node's params file is also the offline tools' config ------------
+
+def default_params_file() -> Path:
+    """Return config/adapt.yaml: the installed share's, else the source checkout's."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        return Path(get_package_share_directory('mmtta_ros')) / 'config' / 'adapt.yaml'
+    except (ImportError, LookupError, OSError, ValueError):
+        return Path(__file__).resolve().parents[2] / 'config' / 'adapt.yaml'
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+    """Return {'a.b.c': value} of a nested mapping."""
+    flat: Dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + '.'))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_params_file(path) -> Dict[str, Any]:
+    """Return the node's flat parameter values from a ROS 2 params file (`mmtta_adapt:`)."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f'cannot read the params file {path}: {error}') from None
+    for node_name in (NODE_NAME, f'/{NODE_NAME}', '/**'):
+        section = document.get(node_name) if isinstance(document, dict) else None
+        if isinstance(section, dict) and isinstance(section.get('ros__parameters'), dict):
+            return flatten(section['ros__parameters'])
+    raise ValueError(f'{path} has no {NODE_NAME}: ros__parameters: section')
+
+
+def yaml_parameters(specs: Sequence[ParamSpec] = PARAMETERS) -> Dict[str, Any]:
+    """Return the parameter table as the nested mapping a ROS 2 params file holds."""
+    nested: Dict[str, Any] = {}
+    for spec in specs:
+        *parents, leaf = spec.name.split('.')
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = spec.default
+    return nested

@@ -1,0 +1,1 @@
+"""The rclpy shell: the node, its parameter declarations, diagnostics and message packing."""
