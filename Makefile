@@ -8,7 +8,9 @@ export VENV
 # DDS traffic stays on this machine; tests pick their own ROS_DOMAIN_ID.
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
+# The pure core alone: no DDS, no processes, no linters, no timing (about a minute).
+FAST := not e2e and not dds and not slow and not linter and not timing
 
 setup:
 	@bash scripts/setup_env.sh
@@ -16,11 +18,15 @@ setup:
 test: setup
 	$(PY) -m pytest -q
 
+test-fast: setup
+	$(PY) -m pytest -q -m "$(FAST)"
+
 lint: setup
 	$(PY) -m pytest -q -m linter
 
 bench: setup
 	$(PY) -m mmtta_ros.tools.sensor_core_benchmark
+	$(PY) -m mmtta_ros.eval.sync_latency
 
 demo: setup
 	bash scripts/demo.sh

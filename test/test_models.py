@@ -433,6 +433,7 @@ def test_make_segmenter_input_rejects_mixed_image_sizes():
 
 # --------------------------------------------------------------------------- timing
 
+@pytest.mark.timing
 def test_tiny_training_step_is_fast():
     model = build_segmenter(SegmenterConfig(size='tiny')).train()
     batch = make_batch(2, 112, 200, 15000)

@@ -22,6 +22,7 @@ from mmtta_ros.sensors.pointcloud import cloud_to_numpy, NUSCENES_LAYOUT, UNLABE
 from mmtta_ros.synth import generate_frames, SequenceConfig  # noqa: E402
 
 IMAGE_SIZE = (128, 72)
+pytestmark = pytest.mark.dds
 
 
 @pytest.fixture(scope='module')

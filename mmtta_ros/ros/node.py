@@ -25,6 +25,7 @@ from mmtta_ros.core.builder import build_pipeline, build_synchronizer
 from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.pairing import Mailbox, TimeJump
 from mmtta_ros.core.params import NODE_NAME, node_params, output_params
+from mmtta_ros.core.state import StateKeeper
 from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
 from mmtta_ros.ros.messages import cloud_message, image_message
 from mmtta_ros.ros.params import check_changes, current_values, declare_parameters
@@ -44,7 +45,10 @@ class MMTTANode(Node):
         self.add_on_set_parameters_callback(check_changes)
         self.add_post_set_parameters_callback(self._apply_parameters)
         self.pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
-        self._resume_state()
+        self.state = StateKeeper(self.pipeline, self.params.state)
+        resumed = self.state.resume()
+        if resumed:
+            self.get_logger().info(resumed)
         self.sync = build_synchronizer(self.params.sync)
         self.mailbox = Mailbox(self.params.worker_queue_size if self.params.process_every_pair
                                else 1)
@@ -67,7 +71,6 @@ class MMTTANode(Node):
         self.create_timer(self.params.diagnostics_period_s, self._publish_diagnostics,
                           clock=wall)
         self.create_timer(1.0, self._maybe_periodic_save, clock=wall)
-        self._last_save = time.monotonic()
 
         self._running = True
         self._worker = threading.Thread(target=self._work, name='mmtta_worker', daemon=True)
@@ -78,17 +81,9 @@ class MMTTANode(Node):
             f'{model.checkpoint or "random " + model.size + " model"}, images resized to '
             f'{model.image_size[0]}x{model.image_size[1]}')
 
-    def _resume_state(self) -> None:
-        path = self.params.state.save_path
-        if self.params.state.load_on_start and path:
-            try:
-                self.pipeline.load_state(path)
-                self.get_logger().info(f'resumed adapted state from {path}')
-            except FileNotFoundError:
-                self.get_logger().info(f'no saved state at {path} yet: starting from source')
-
     def _apply_parameters(self, _parameters) -> None:
         self.params = node_params(current_values(self))
+        self.state.params = self.params.state
         sync = self.params.sync
         self.sync.configure(slop_ns=int(round(sync.slop_s * 1e9)),
                             clock_jump_ns=int(round(sync.time_jump_s * 1e9)),
@@ -200,33 +195,29 @@ class MMTTANode(Node):
 
     def save_state(self) -> str:
         """Save the adapted state atomically to state.save_path; return a message."""
-        path = self.params.state.save_path
-        if not path:
-            raise ValueError('state.save_path is empty: nowhere to save')
-        self.pipeline.save_state(path)
+        try:
+            message = self.state.save()
+        except (OSError, ValueError, RuntimeError):
+            self.diagnostics.count('save_failures')
+            raise
         self.diagnostics.count('saves')
-        self._last_save = time.monotonic()
-        return f'adapted state saved to {path}'
+        return message
 
     def _on_save_state(self, request, response):
         try:
             response.message, response.success = self.save_state(), True
         except (OSError, ValueError, RuntimeError) as error:
-            self.diagnostics.count('save_failures')
             response.success, response.message = False, f'save failed: {error}'
         self.get_logger().info(response.message)
         return response
 
     def _maybe_periodic_save(self) -> None:
-        state = self.params.state
-        if state.save_period_s > 0 and state.save_path and \
-                time.monotonic() - self._last_save >= state.save_period_s:
+        if self.state.periodic_save_due():
             try:
                 self.save_state()
             except (OSError, ValueError, RuntimeError) as error:
-                self.diagnostics.count('save_failures')
-                self._last_save = time.monotonic()  # try again a period later, not every second
-                self.get_logger().error(f'periodic save failed: {error}')
+                self.get_logger().error(f'periodic save failed: {error}',
+                                        throttle_duration_sec=60.0)
 
     def diagnostics_values(self) -> dict:
         """Return the figures /diagnostics reports (rates in Hz, times in ms, counters)."""
@@ -246,7 +237,7 @@ class MMTTANode(Node):
         self._worker.join(timeout=60.0)
         if self._worker.is_alive():
             self.get_logger().warning('the worker is still in a step after 60 s')
-        if self.params.state.save_on_shutdown and self.params.state.save_path:
+        if self.state.save_at_shutdown:
             try:
                 self.get_logger().info(self.save_state())
             except (OSError, ValueError, RuntimeError) as error:

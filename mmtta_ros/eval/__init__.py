@@ -1,0 +1,1 @@
+"""Offline evaluation: scoring, metrics, source training, splits, frame cache, live demo."""
