@@ -30,6 +30,7 @@ setup(
             'tta_benchmark = mmtta_ros.tools.tta_benchmark:main',
             'mmtta_train = mmtta_ros.tools.train:main',
             'mmtta_evaluate = mmtta_ros.tools.evaluate:main',
+            'mmtta_benchmark = mmtta_ros.tools.benchmark:main',
             'mmtta_adapt = mmtta_ros.ros.node:main',
             'mmtta_demo = mmtta_ros.tools.demo:main',
             'node_benchmark = mmtta_ros.tools.node_benchmark:main',

@@ -36,3 +36,46 @@ def test_save_load_round_trip(tmp_path):
 def test_unlabeled_frames_stay_unlabeled(tmp_path):
     save_frames(tmp_path / 'u.npz', [_frame(0, 4, labeled=False)])
     assert load_frames(tmp_path / 'u.npz')[0].labels is None
+
+
+def test_a_changed_domain_never_gets_cached_frames_of_the_old_one(tmp_path, monkeypatch):
+    from mmtta_ros.eval.frame_cache import synthetic_frames
+    from mmtta_ros.synth import SequenceConfig
+    from mmtta_ros.synth import domains
+
+    config = SequenceConfig(domain='night', seed=1, num_frames=1, image_size=(32, 18),
+                            lidar_azimuth_steps=60)
+    normal = synthetic_frames([config], tmp_path)[0]
+    assert len(list(tmp_path.iterdir())) == 1
+    darker = domains.domain_variant('night', 'night', lighting={'exposure': [0.2, 0.3]})
+    monkeypatch.setitem(domains.DOMAINS, 'night', darker)
+    modified = synthetic_frames([config], tmp_path)[0]
+    assert len(list(tmp_path.iterdir())) == 2  # its own cache entry, not the old one
+    assert modified.image.mean() < normal.image.mean()
+    np.testing.assert_array_equal(modified.points_lidar, normal.points_lidar)
+
+
+def test_domain_variants_are_declared_not_patched():
+    from mmtta_ros.synth import generate_frames, SequenceConfig
+    from mmtta_ros.synth.domains import (
+        domain_fingerprint, domain_variant, DOMAINS, register_domain)
+    import pytest
+
+    fog = domain_variant('test_fog', 'day', lighting={'haze_distance': [20.0, 30.0]},
+                         lidar={'max_range': 30.0, 'clutter': [0.05, 0.05]})
+    assert fog.lidar.clutter == (0.05, 0.05) and DOMAINS['day'].lidar.clutter == (0.0, 0.0)
+    register_domain(fog)
+    register_domain(fog)  # the same again is fine
+    with pytest.raises(ValueError, match='already registered'):
+        register_domain(domain_variant('test_fog', 'day'))
+    with pytest.raises(ValueError, match='no field'):
+        domain_variant('bad', 'day', lidar={'fog': 1})
+    assert domain_fingerprint('test_fog')['lidar']['max_range'] == 30.0
+    config = dict(seed=2, num_frames=1, image_size=(32, 18), lidar_azimuth_steps=120)
+    foggy = next(generate_frames(SequenceConfig(domain='test_fog', **config)))
+    clear = next(generate_frames(SequenceConfig(domain='day', **config)))
+    ranges = np.linalg.norm(foggy.points_lidar, axis=1)
+    assert ranges.max() <= 30.5 < np.linalg.norm(clear.points_lidar, axis=1).max()
+    # Spurious near returns are there, and labeled as no class.
+    assert np.sum(foggy.labels == -100) > 0 and np.all(ranges[foggy.labels == -100] < 40)
+    del DOMAINS['test_fog']

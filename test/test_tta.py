@@ -436,7 +436,8 @@ def test_mmtta_slow_model_follows_what_the_ema_covers(targets):
 def test_reset_restores_the_source_bit_for_bit(name):
     model = make_source_model()
     source = clone_state(model)
-    hyperparameters = {} if name == 'source' else FAST_LRS
+    hyperparameters = {'source': {}, 'bn_stats': {'momentum': 0.5, 'source_weight': 0.2}
+                       }.get(name, FAST_LRS)
     method = build_method(name, model, **hyperparameters)
     fresh = build_method(name, make_source_model(), **hyperparameters)
     stream = target_stream(4)
@@ -457,6 +458,46 @@ def test_reset_restores_the_source_bit_for_bit(name):
     assert torch.equal(first_after_reset.logits_2d, first_fresh.logits_2d)
     assert torch.equal(first_after_reset.logits_3d, first_fresh.logits_3d)
     assert method.stats == {**fresh.stats, 'step': 5}
+
+
+def test_bn_stats_normalises_with_the_formula_and_changes_nothing_else():
+    model = make_source_model()
+    source = clone_state(model)
+    method = build_method('bn_stats', model, momentum=0.25, source_weight=0.4)
+    stream = target_stream(3)
+    bn = model.net_3d[1]
+    features = [model.net_3d[0](batch.points).detach() for batch in stream]
+    target = source['net_3d.1.running_mean'].clone()
+    for batch, feature in zip(stream, features):
+        prediction = method.step(batch)
+        # Hand-computed: running target mean, then the blend with the source mean.
+        target = 0.75 * target + 0.25 * feature.mean(dim=0)
+        used = 0.4 * source['net_3d.1.running_mean'] + 0.6 * target
+        torch.testing.assert_close(bn.running_mean, used)
+    # The prediction is the model in eval mode with those statistics.
+    with torch.no_grad():
+        model.eval()
+        expected = model(stream[-1])
+    assert torch.equal(prediction.logits_3d, expected.logits_3d)
+    for key, value in model.state_dict().items():
+        if not key.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            assert torch.equal(value, source[key]), key
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_bn_stats_default_is_adabn_batch_statistics():
+    model = make_source_model()
+    method = build_method('bn_stats', model)
+    batch = target_stream(1)[0]
+    reference = make_source_model()
+    reference.eval()
+    for module in (reference.net_2d[1], reference.net_3d[1]):
+        module.train()  # batch statistics, as BatchNorm does in training
+    with torch.no_grad():
+        expected = reference(batch)
+    prediction = method.step(batch)
+    torch.testing.assert_close(prediction.logits_2d, expected.logits_2d)
+    torch.testing.assert_close(prediction.logits_3d, expected.logits_3d)
 
 
 def test_mmtta_returns_slow_prediction_made_before_the_update():
@@ -540,7 +581,7 @@ def test_stats_are_plain_numbers(name):
         assert key in stats, key
     assert all(isinstance(value, (int, float, bool, str)) for value in stats.values()), stats
     assert 0.0 < stats['entropy'] <= math.log(NUM_CLASSES) + 1e-6
-    if name != 'source':
+    if name not in ('source', 'bn_stats'):
         assert math.isfinite(stats['loss'])
     if name in ('xmuda_pl', 'mmtta'):
         assert 0.0 < stats['kept_ratio'] <= 1.0

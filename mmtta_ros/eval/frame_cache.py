@@ -84,13 +84,16 @@ def synthetic_frames(configs: Iterable, cache_dir: Optional[PathLike] = None) ->
     Frames of synthetic sequences, generated once and then read from `cache_dir`.
 
     configs: `mmtta_ros.synth.SequenceConfig`s; each is cached under a name derived from
-    its values and the generator version, so a changed generator never serves stale data.
+    its values, every parameter of its domain (a variant is never served another's frames)
+    and the generator version, so a changed generator never serves stale data.
     """
     from mmtta_ros.synth import generate_frames, GENERATOR_VERSION
+    from mmtta_ros.synth.domains import domain_fingerprint
 
     frames: List[Frame] = []
     for config in configs:
-        key = json.dumps({'config': asdict(config), 'version': GENERATOR_VERSION},
+        key = json.dumps({'config': asdict(config), 'version': GENERATOR_VERSION,
+                          'domain': domain_fingerprint(config.domain)},
                          sort_keys=True, default=str)
         name = f'{config.domain}-s{config.seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz'
         path = Path(cache_dir) / name if cache_dir is not None else None

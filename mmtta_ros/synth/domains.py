@@ -6,10 +6,15 @@ headlights, a varying colour cast, strong sensor noise and crushed blacks (and a
 lower intensities, more lost returns on dark surfaces). `city_b` is another city by day (wider
 roads, left-hand traffic, tall pastel and glass buildings, dense vegetation). `lidar16` is the
 day domain seen by a 16-beam LiDAR with a narrower vertical field of view.
+
+Variants (a harsher night, dusk, fog, ...) are declared, not patched in: `domain_variant`
+derives a family from a registered one with some fields changed, `register_domain` adds
+it under its own name, and `domain_fingerprint` gives every value a family holds, so a
+cache keyed by it never serves one variant's frames for another.
 """
 
-from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -58,6 +63,7 @@ class LidarFamily:
     intensity_gain: Range = (0.9, 1.1)
     weak_return: Range = (0.0012, 0.0018)
     dropout: Range = (0.005, 0.015)
+    clutter: Range = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,46 @@ def get_domain(name: str) -> DomainFamily:
     if name not in DOMAINS:
         raise ValueError(f'unknown domain {name!r}; known domains: {sorted(DOMAINS)}')
     return DOMAINS[name]
+
+
+def _with_changes(family: Any, changes: Optional[Mapping[str, Any]], what: str) -> Any:
+    """Return `family` with `changes` applied; lists become tuples; unknown names refused."""
+    if not changes:
+        return family
+    known = {f.name for f in fields(family)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f'{what} has no field {unknown}; it has {sorted(known)}')
+    return replace(family, **{name: tuple(value) if isinstance(value, list) else value
+                              for name, value in changes.items()})
+
+
+def domain_variant(name: str, base: str, *, layout: Optional[Mapping[str, Any]] = None,
+                   lighting: Optional[Mapping[str, Any]] = None,
+                   lidar: Optional[Mapping[str, Any]] = None) -> DomainFamily:
+    """Return a family called `name`: registered domain `base` with some fields changed."""
+    family = get_domain(base)
+    return DomainFamily(
+        name, layout=_with_changes(family.layout, layout, f'{base} layout'),
+        lighting=_with_changes(family.lighting, lighting, f'{base} lighting'),
+        lidar=_with_changes(family.lidar, lidar, f'{base} lidar'))
+
+
+def register_domain(family: DomainFamily) -> None:
+    """Make `family` available by its name; a different family under a taken name is refused."""
+    existing = DOMAINS.get(family.name)
+    if existing is not None and domain_fingerprint(family.name) != _fingerprint(family):
+        raise ValueError(f'a different domain is already registered as {family.name!r}')
+    DOMAINS[family.name] = family
+
+
+def _fingerprint(family: DomainFamily) -> Dict[str, Any]:
+    return asdict(family)
+
+
+def domain_fingerprint(name: str) -> Dict[str, Any]:
+    """Return every value of domain `name`'s families, plain (for cache keys)."""
+    return _fingerprint(get_domain(name))
 
 
 def _uniform(rng: np.random.Generator, bounds: Range) -> float:
@@ -173,4 +219,6 @@ def sample_lidar(family: LidarFamily, rng: np.random.Generator, *, texture_seed:
         dropout=_uniform(rng, family.dropout),
         weak_return=_uniform(rng, family.weak_return),
         intensity_gain=_uniform(rng, family.intensity_gain),
-        texture_seed=texture_seed)
+        texture_seed=texture_seed,
+        # Drawn only where there is fog, so every other domain's streams stay as they were.
+        clutter=_uniform(rng, family.clutter) if family.clutter[1] > 0 else 0.0)

@@ -5,6 +5,7 @@ from typing import Tuple
 
 import numpy as np
 
+from mmtta_ros.core.classes import IGNORE_INDEX
 from mmtta_ros.synth import materials as mat
 from mmtta_ros.synth.raycast import cast_rays
 
@@ -24,6 +25,7 @@ class LidarScan:
     intensity:    <np.float32: N> 0..255, integer-valued like nuScenes
     ring:         <np.int32: N> beam index, 0 = lowest beam
     labels:       <np.int64: N> class index of the surface each point lies on
+                  (IGNORE_INDEX for fog clutter)
     """
 
     points_lidar: np.ndarray
@@ -47,6 +49,8 @@ class LidarModel:
     glass_dropout:   extra loss probability on glass (specular: the beam goes through)
     intensity_gain:  scale from reflectivity to the 0..255 intensity
     texture_seed:    seed of the world-fixed reflectivity texture (the scene's seed)
+    clutter:         share of rays answered by fog or spray within a few metres (spurious
+                     near returns, labeled IGNORE_INDEX: they are no class)
     """
 
     elevation_deg: Tuple[float, ...] = HDL32E_ELEVATIONS_DEG
@@ -59,6 +63,7 @@ class LidarModel:
     glass_dropout: float = 0.5
     intensity_gain: float = 1.0
     texture_seed: int = 0
+    clutter: float = 0.0
 
     @property
     def num_beams(self) -> int:
@@ -109,6 +114,14 @@ class LidarModel:
         raw = 255.0 * self.intensity_gain * reflectivity * (0.25 + 0.75 * cos_incidence) / (
             1.0 + (distance / 50.0) ** 2)
         intensity = np.clip(np.round(raw + rng.normal(0.0, 1.0, rows.size)), 0, 255)
+        labels, ring_all, ring = hits.label[rows], ring, ring[rows]
+        if self.clutter > 0.0:
+            # Fog answers a share of the beams close by, weakly, before any surface.
+            fogged = np.flatnonzero(rng.random(dirs_lidar.shape[0]) < self.clutter)
+            near = self.min_range + rng.exponential(3.0, fogged.size)
+            points_lidar = np.concatenate([points_lidar, dirs_lidar[fogged] * near[:, None]])
+            intensity = np.concatenate([intensity, np.round(rng.uniform(0, 8, fogged.size))])
+            ring = np.concatenate([ring, ring_all[fogged]])
+            labels = np.concatenate([labels, np.full(fogged.size, IGNORE_INDEX, labels.dtype)])
         return LidarScan(points_lidar=points_lidar.astype(np.float32),
-                         intensity=intensity.astype(np.float32), ring=ring[rows],
-                         labels=hits.label[rows])
+                         intensity=intensity.astype(np.float32), ring=ring, labels=labels)

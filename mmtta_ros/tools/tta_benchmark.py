@@ -21,7 +21,7 @@ from mmtta_ros.eval.splits import IMAGE_SIZE, target_config
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
 from mmtta_ros.tta import METHODS
 
-ORDER = ('source', 'tent', 'tent_ens', 'xmuda', 'xmuda_pl', 'mmtta')
+ORDER = tuple(METHODS)
 
 
 def time_method(name: str, size: str, frames, device, warmup: int) -> float:

@@ -1,5 +1,5 @@
 """
-Test-time adaptation methods behind one interface: source, tent, tent_ens, xmuda, xmuda_pl, mmtta.
+Test-time adaptation methods behind one interface: source, bn_stats, tent, ..., mmtta.
 
     method = build_method('mmtta', model, selection='soft')
     prediction = method.step(inputs)   # adapt on the last N frames, predict them

@@ -6,6 +6,7 @@ from typing import Dict, Type
 from torch import nn
 
 from mmtta_ros.tta.base import AdaptationMethod
+from mmtta_ros.tta.bn_stats import BatchNormStatistics
 from mmtta_ros.tta.mmtta import MMTTA
 from mmtta_ros.tta.source import SourceOnly
 from mmtta_ros.tta.tent import Tent
@@ -15,7 +16,8 @@ from mmtta_ros.tta.xmuda_pl import XMUDAPseudoLabel
 
 METHODS: Dict[str, Type[AdaptationMethod]] = {
     method.name: method
-    for method in (SourceOnly, Tent, TentEnsemble, XMUDA, XMUDAPseudoLabel, MMTTA)
+    for method in (SourceOnly, BatchNormStatistics, Tent, TentEnsemble, XMUDA,
+                   XMUDAPseudoLabel, MMTTA)
 }
 
 

@@ -1,0 +1,148 @@
+"""
+benchmarks/results.json -> the README's suite tables and the mIoU-over-the-stream plot.
+
+Nothing here is typed by hand: `make benchmark` regenerates both from the record.
+"""
+
+from pathlib import Path
+import re
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+START, END = '<!-- suite-table:start -->', '<!-- suite-table:end -->'
+
+
+def _streams_by(records: Dict[str, Any], shift: str, row: str) -> Dict[tuple, Dict[str, Any]]:
+    """Return {(checkpoint, stream index): stream result} of one shift and row."""
+    found = {}
+    for record in records.values():
+        if record['shift'] == shift and record['row'] == row:
+            for index, stream in enumerate(record['streams']):
+                found[(record['checkpoint'], index)] = stream
+    return found
+
+
+def shift_table(results: Dict[str, Any], shift: str, rows: Sequence[str]) -> List[str]:
+    """Return the markdown lines of one shift's table."""
+    records = results['records']
+    source = _streams_by(records, shift, 'source')
+    baseline = _streams_by(records, shift, 'bn_stats')
+    lines = ['| row | method | 2D | 3D | 2D+3D | Δ source | Δ bn_stats | worst stream Δ source '
+             '| streams below source | s/frame |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for row in rows:
+        streams = _streams_by(records, shift, row)
+        if not streams:
+            continue
+        method = next(r['method'] for r in records.values()
+                      if r['shift'] == shift and r['row'] == row)
+        cells = []
+        for head in ('2d', '3d', '2d3d'):
+            values = [s['miou'][head] for s in streams.values()]
+            cells.append(f'{np.mean(values):.1f} ± {np.std(values):.1f}')
+
+        def delta(reference):
+            pairs = [(s['miou']['2d3d'], reference[k]['miou']['2d3d'])
+                     for k, s in streams.items() if k in reference]
+            return np.array([a - b for a, b in pairs])
+        vs_source, vs_bn = delta(source), delta(baseline)
+        seconds = np.mean([s['seconds_per_frame'] for s in streams.values()])
+        lines.append(
+            f'| {row} | {method} | ' + ' | '.join(cells)
+            + f' | {_signed(vs_source.mean()) if vs_source.size else "–"}'
+            + f' | {_signed(vs_bn.mean()) if vs_bn.size else "–"}'
+            + f' | {_signed(vs_source.min()) if vs_source.size else "–"}'
+            + f' | {int((vs_source < 0).sum()) if vs_source.size else "–"}/{vs_source.size}'
+            + f' | {seconds:.3f} |')
+    return lines
+
+
+def _signed(value: float) -> str:
+    return f'{value:+.1f}'
+
+
+def recurring_lines(results: Dict[str, Any], shift: str, rows: Sequence[str]) -> List[str]:
+    """Return per-segment 2D+3D mIoU lines of a multi-segment stream (forgetting)."""
+    lines = []
+    for row in rows:
+        streams = _streams_by(results['records'], shift, row)
+        if not streams:
+            continue
+        segments = np.mean([s['segments']['2d3d'] for s in streams.values()], axis=0)
+        lines.append(f'| {row} | ' + ' | '.join(f'{v:.1f}' for v in segments) + ' |')
+    return lines
+
+
+def render_tables(results: Dict[str, Any]) -> str:
+    """Return the markdown of every shift's table, the validation shift first."""
+    records = results['records']
+    shifts = sorted({r['shift'] for r in records.values()},
+                    key=lambda s: (s != results.get('validation'), s))
+    rows_order = list(dict.fromkeys(r['row'] for r in sorted(
+        records.values(), key=lambda r: _ROW_ORDER.get(r['row'], 99))))
+    checkpoints = sorted({r['checkpoint'] for r in records.values()})
+    out = [f'Source checkpoints: {", ".join(f"`{c}`" for c in checkpoints)}. mIoU % mean ± '
+           'std over every stream of every checkpoint; Δ are 2D+3D, paired per stream and '
+           'checkpoint.', '']
+    for shift in shifts:
+        some = next(r for r in records.values() if r['shift'] == shift)
+        role = ' (validation: defaults chosen here)' if shift == results.get('validation') else ''
+        segments = ' → '.join(f'{d} {n}' for d, n in some['segments'])
+        out += [f'**{shift}**{role}: {segments} frames, seeds {some["seeds"]}', '']
+        out += shift_table(results, shift, rows_order) + ['']
+        if len(some['segments']) > 1:
+            header = ' | '.join(f'{d} #{i + 1}' for i, (d, _) in enumerate(some['segments']))
+            out += ['2D+3D mIoU per segment:', '', f'| row | {header} |',
+                    '|---|' + '---|' * len(some['segments'])]
+            out += recurring_lines(results, shift, rows_order) + ['']
+    return '\n'.join(out).rstrip() + '\n'
+
+
+_ROW_ORDER = {'source': 0, 'bn_stats': 1, 'bn_stats_prior': 2, 'bn_stats_ema': 3,
+              'tent_ens': 4, 'xmuda_pl': 5, 'mmtta_paper': 6, 'mmtta_0.9': 7, 'default': 8,
+              'oracle': 9}
+
+
+def update_readme(readme: Path, tables: str) -> None:
+    """Replace what lies between the suite-table markers of the README."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f'{readme} has no {START} ... {END} markers')
+    text = re.sub(re.escape(START) + '.*?' + re.escape(END),
+                  lambda _: f'{START}\n{tables}{END}', text, flags=re.S)
+    readme.write_text(text)
+
+
+def plot_streams(results: Dict[str, Any], path: Path) -> None:
+    """Plot 2D+3D mIoU over the stream (windows of frames) per row, one panel per shift."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    records = results['records']
+    shifts = sorted({r['shift'] for r in records.values()})
+    rows = sorted({r['row'] for r in records.values()}, key=lambda r: _ROW_ORDER.get(r, 99))
+    columns = 4
+    lines = (len(shifts) + columns - 1) // columns
+    figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines),
+                                squeeze=False)
+    for axis, shift in zip(axes.flat, shifts):
+        for row in rows:
+            streams = _streams_by(records, shift, row)
+            if not streams:
+                continue
+            curve = np.mean([s['windows_2d3d'] for s in streams.values()], axis=0)
+            axis.plot(np.arange(len(curve)) * 10 + 5, curve, label=row,
+                      linewidth=2.0 if row in ('default', 'source') else 1.0)
+        axis.set_title(shift)
+        axis.set_xlabel('frame')
+        axis.set_ylabel('2D+3D mIoU %')
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(shifts):]:
+        axis.axis('off')
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
