@@ -790,3 +790,76 @@ def test_mmtta_on_the_real_segmenter():
     assert changed and changed <= norm_tensor_keys(model)
     method.reset()
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+class _Scripted:
+    """A stand-in method whose predictions are given: logits (2D, 3D) per step."""
+
+    name = 'scripted'
+
+    def __init__(self, outputs):
+        self.outputs = list(outputs)
+        self.stats = {'loss': 1.0}
+        self.resets = 0
+        self.model = nn.Linear(1, 1)
+
+    def step(self, inputs):
+        return Prediction(*self.outputs.pop(0))
+
+    def reset(self):
+        self.resets += 1
+
+
+def _logits(classes):
+    return torch.nn.functional.one_hot(torch.tensor(classes), NUM_CLASSES).float() * 5
+
+
+def test_fallback_publishes_the_source_while_the_adapted_branches_disagree_more():
+    from mmtta_ros.tta.fallback import agreement, SourceFallback
+
+    source = make_source_model()
+    batch = target_stream(1)[0]
+    with torch.no_grad():
+        reference = source(batch)
+    m = reference.logits_2d.shape[0]
+    source_agreement = float(agreement(reference.logits_2d, reference.logits_3d))
+    agree = (_logits([0] * m), _logits([0] * m))              # agreement 1
+    disagree = (_logits([0] * m), _logits([1] * m))           # agreement 0
+    method = SourceFallback(_Scripted([agree, disagree, disagree, agree, agree]),
+                            copy.deepcopy(source), margin=0.0, smoothing=0.5)
+    used = []
+    for _ in range(5):
+        prediction = method.step(batch)
+        used.append('source' if torch.equal(prediction.logits_2d, reference.logits_2d)
+                    else 'adapted')
+    # EMA (w = 0.5) of the adapted agreement: 1, 0.5, 0.25, 0.625, 0.81 against the source's.
+    expected_ema = [1.0, 0.5, 0.25, 0.625, 0.8125]
+    assert used == ['adapted' if ema >= source_agreement else 'source' for ema in expected_ema]
+    assert 'source' in used and 'adapted' in used
+    assert method.stats['fallbacks'] == used.count('source')
+    assert method.stats['agreement_adapted'] == pytest.approx(0.8125)
+    assert method.stats['loss'] == 1.0  # the method's own numbers still come through
+    method.reset()
+    assert method.method.resets == 1 and method.agreement_adapted is None
+
+
+def test_the_builder_wraps_any_method_in_the_fallback_and_reset_is_exact():
+    from mmtta_ros.core.builder import build_pipeline
+    from mmtta_ros.core.params import node_params
+    from mmtta_ros.tta.fallback import SourceFallback
+
+    model = make_source_model()
+    source = clone_state(model)
+    params = node_params({'adaptation.method': 'tent_ens', 'adaptation.fallback': True,
+                          'device': 'cpu'})
+    pipeline = build_pipeline(params.pipeline, model=model)
+    method = pipeline.method
+    assert isinstance(method, SourceFallback) and method.name == 'tent_ens'
+    for key, value in method.source_model.state_dict().items():
+        assert torch.equal(value, source[key]), key  # a pristine copy of the source
+    for batch in target_stream(3):
+        method.step(batch)
+    assert 'agreement_source' in method.stats
+    method.reset()
+    for key, value in method.model.state_dict().items():
+        assert torch.equal(value, source[key]), key

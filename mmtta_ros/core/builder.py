@@ -6,6 +6,7 @@ same typed parameters (`core.params`), so nothing about the object graph differs
 what runs live and what is scored offline.
 """
 
+import copy
 import logging
 from typing import Callable, Optional
 
@@ -17,6 +18,7 @@ from mmtta_ros.core.params import PipelineParams, SyncParams
 from mmtta_ros.core.pipeline import Pipeline
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
 from mmtta_ros.tta import build_method, CollapseGuard
+from mmtta_ros.tta.fallback import SourceFallback
 
 LOGGER = logging.getLogger(__name__)
 
@@ -77,8 +79,14 @@ def build_pipeline(params: PipelineParams, *, model: Optional[torch.nn.Module] =
     if adaptation.collapse_guard and adaptation.method != 'source':
         guard = CollapseGuard(max_dominant_fraction=adaptation.max_dominant_fraction,
                               patience=adaptation.patience)
+    source_copy = None
+    if adaptation.fallback and adaptation.method != 'source':
+        source_copy = copy.deepcopy(model)  # before the method configures the model
     method = build_method(adaptation.method, model, collapse_guard=guard,
                           **dict(adaptation.hyperparameters))
+    if source_copy is not None:
+        method = SourceFallback(method, source_copy, margin=adaptation.fallback_margin,
+                                smoothing=adaptation.fallback_smoothing)
     return Pipeline(method, device, batch_frames=adaptation.batch_frames,
                     min_depth=params.model.min_depth, image_size=params.model.image_size,
                     inputs=params.inputs, output=params.output)

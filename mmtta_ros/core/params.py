@@ -78,6 +78,13 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               choices=tuple(METHODS), read_only=True),
     ParamSpec('adaptation.batch_frames', 1, 'adapt on the last N frames (one step per frame)', 1,
               16, read_only=True),
+    ParamSpec('adaptation.fallback', False, 'publish the source model\'s prediction while the '
+              'adapted one\'s 2D/3D agreement is below the source\'s (one more forward a '
+              'frame; see tta/fallback.py)', read_only=True),
+    ParamSpec('adaptation.fallback_margin', 0.0, 'fallback: how far (share of points) the '
+              'adapted agreement may lag the source\'s', 0.0, 1.0, read_only=True),
+    ParamSpec('adaptation.fallback_smoothing', 0.1, 'fallback: EMA weight of the newest frame '
+              'in both agreements', 0.001, 1.0, read_only=True),
     # Calibration and classes.
     ParamSpec('calibration.T_cam_from_lidar', [0.0], 'LiDAR->camera transform: 16 numbers '
               '(4x4 row-major) or 7 (x y z qx qy qz qw)', read_only=True),
@@ -211,6 +218,9 @@ class AdaptationParams:
     method: str = 'mmtta'
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     batch_frames: int = 1
+    fallback: bool = False
+    fallback_margin: float = 0.0
+    fallback_smoothing: float = 0.1
     collapse_guard: bool = True
     max_dominant_fraction: float = 0.95
     patience: int = 10
@@ -316,6 +326,8 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
             min_depth=v['min_depth'], class_names=tuple(v['classes.names'])),
         adaptation=AdaptationParams(
             method=method, batch_frames=v['adaptation.batch_frames'],
+            fallback=v['adaptation.fallback'], fallback_margin=v['adaptation.fallback_margin'],
+            fallback_smoothing=v['adaptation.fallback_smoothing'],
             hyperparameters={name[len(prefix):]: value for name, value in v.items()
                              if name.startswith(prefix)},
             collapse_guard=v['reset.collapse_guard'],
