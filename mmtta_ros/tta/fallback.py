@@ -1,5 +1,5 @@
 """
-Source fallback: publish the adapted prediction only while it looks at least as sound as the source's.
+Source fallback: publish the adapted prediction only while it looks as sound as the source's.
 
 A reusable guard around any method. Each step it also runs the frozen source model and
 measures, for both predictions, the cross-modal agreement: the share of points where the
