@@ -50,6 +50,7 @@ class Row:
     name: str
     method: Optional[str] = None  # None: the node's configured method
     settings: Mapping[str, Any] = field(default_factory=dict)
+    oracle: bool = False  # source-only with a model trained on the shift's labeled domain
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Suite:
     model_size: str = 'tiny'
     train_seeds: Tuple[int, ...] = (0,)
     train_steps: int = 300
+    oracle_steps: int = 300
 
 
 def load_suite(path: PathLike) -> Suite:
@@ -77,7 +79,8 @@ def load_suite(path: PathLike) -> Suite:
         spec = dict(spec)
         register_domain(domain_variant(name, spec.pop('base'), **spec))
     protocol = document.get('protocol', {})
-    rows = {name: Row(name, spec.get('method'), dict(spec.get('set') or {}))
+    rows = {name: Row(name, spec.get('method'), dict(spec.get('set') or {}),
+                      bool(spec.get('oracle', False)))
             for name, spec in (document.get('rows') or {}).items()}
     shifts = {}
     for name, spec in (document.get('shifts') or {}).items():
@@ -98,7 +101,8 @@ def load_suite(path: PathLike) -> Suite:
                  lidar_azimuth_steps=protocol.get('lidar_azimuth_steps'),
                  model_size=checkpoints.get('size', 'tiny'),
                  train_seeds=tuple(checkpoints.get('train_seeds', (0,))),
-                 train_steps=int(checkpoints.get('steps', 300)))
+                 train_steps=int(checkpoints.get('steps', 300)),
+                 oracle_steps=int(checkpoints.get('oracle_steps', 300)))
 
 
 def stream_frames(suite: Suite, shift: Shift, seed: int, cache_dir: PathLike) -> List[Frame]:
@@ -231,9 +235,22 @@ def settings_hash(values: Mapping[str, Any], shift: Shift) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def ensure_checkpoints(suite: Suite, models_dir: PathLike, cache_dir: PathLike,
-                       log=print) -> List[Path]:
-    """Return the source checkpoints, training those that are missing (minutes each)."""
+def source_checkpoints(suite: Suite, models_dir: PathLike) -> List[Path]:
+    """Return where the source checkpoints of the suite live."""
+    return [Path(models_dir) / f'source_{suite.model_size}_day_s{seed}.pt'
+            for seed in suite.train_seeds]
+
+
+def oracle_checkpoint(suite: Suite, shift: Shift, models_dir: PathLike) -> Optional[Path]:
+    """Return where the oracle of a single-domain shift lives (None for mixed streams)."""
+    if len(shift.segments) != 1:
+        return None
+    return Path(models_dir) / f'oracle_{suite.model_size}_{shift.segments[0][0]}_s0.pt'
+
+
+def train_checkpoint(args) -> str:
+    """Train one checkpoint (domain, seed, steps) unless a finished one is there."""
+    suite_path, path, domain, seed, steps, cache_dir = args
     import torch
 
     from mmtta_ros.eval.frame_cache import synthetic_frames
@@ -241,18 +258,17 @@ def ensure_checkpoints(suite: Suite, models_dir: PathLike, cache_dir: PathLike,
     from mmtta_ros.eval.training import load_trained, train_source, TrainConfig
     from mmtta_ros.models.segmenter import SegmenterConfig
 
-    paths = []
-    for seed in suite.train_seeds:
-        path = Path(models_dir) / f'source_{suite.model_size}_day_s{seed}.pt'
-        if load_trained(path, torch.device('cpu')) is None:
-            log(f'training the source model {path.name} ({suite.train_steps} steps) ...')
-            torch.set_num_threads(1)
-            frames = synthetic_frames(source_configs('day', suite.image_size), cache_dir)
-            train_source(frames, SegmenterConfig(size=suite.model_size),
-                         TrainConfig(steps=suite.train_steps, seed=seed), path,
-                         torch.device('cpu'), progress=False)
-        paths.append(path)
-    return paths
+    suite = load_suite(suite_path)  # registers the variants in this process
+    torch.set_num_threads(1)
+    if load_trained(path, torch.device('cpu')) is None:
+        # Labeled frames of the domain, seeds 0-7: never a seed of a scored stream.
+        frames = synthetic_frames(source_configs(domain, suite.image_size), cache_dir)
+        summary = train_source(frames, SegmenterConfig(size=suite.model_size),
+                               TrainConfig(steps=steps, seed=seed), path,
+                               torch.device('cpu'), progress=False)
+        return (f'{Path(path).name}: {steps} steps, final loss 2D {summary["loss_2d"]:.3f} '
+                f'3D {summary["loss_3d"]:.3f}')
+    return f'{Path(path).name}: already trained'
 
 
 def _generate(args) -> str:
@@ -279,18 +295,35 @@ def run_suite(suite_path: PathLike, results_path: PathLike, *, models_dir: PathL
     for name in list(shifts or []) + list(rows or []):
         if name not in suite.shifts and name not in suite.rows:
             raise ValueError(f'{name!r} is neither a shift nor a row of {suite_path}')
+    context = multiprocessing.get_context('spawn')
+    wanted_shifts = [s for s in suite.shifts.values() if not shifts or s.name in shifts]
+    training = []
     if checkpoints is None:
-        checkpoints = ensure_checkpoints(suite, models_dir, cache_dir, log)
+        checkpoints = source_checkpoints(suite, models_dir)
+        training += [(str(suite_path), str(path), 'day', seed, suite.train_steps,
+                      str(cache_dir)) for path, seed in zip(checkpoints, suite.train_seeds)]
+    oracles = {}
+    if any(row.oracle and (not rows or row.name in rows) for row in suite.rows.values()):
+        for shift in wanted_shifts:
+            path = oracle_checkpoint(suite, shift, models_dir)
+            if path is not None:
+                oracles[shift.name] = path
+                training.append((str(suite_path), str(path), shift.segments[0][0], 0,
+                                 suite.oracle_steps, str(cache_dir)))
+    with context.Pool(jobs) as pool:
+        for message in pool.imap_unordered(train_checkpoint, sorted(set(training))):
+            log(message)
     results_path = Path(results_path)
     results = (json.loads(results_path.read_text()) if results_path.is_file()
                else {'records': {}})
-    wanted_shifts = [s for s in suite.shifts.values() if not shifts or s.name in shifts]
     plans = []
     for shift in wanted_shifts:
         for row in suite.rows.values():
             if (rows and row.name not in rows) or (shift.rows and row.name not in shift.rows):
                 continue
-            for checkpoint in checkpoints:
+            if row.oracle and shift.name not in oracles:
+                continue
+            for checkpoint in ([oracles[shift.name]] if row.oracle else checkpoints):
                 values = row_values(row, checkpoint, params_file)
                 ckpt = checkpoint_id(checkpoint)
                 key = f'{shift.name}|{row.name}|{ckpt}'
@@ -298,7 +331,6 @@ def run_suite(suite_path: PathLike, results_path: PathLike, *, models_dir: PathL
                 if done and done.get('settings_hash') == settings_hash(values, shift):
                     continue
                 plans.append((key, shift, row, ckpt, values))
-    context = multiprocessing.get_context('spawn')
     with context.Pool(jobs) as pool:
         streams = sorted({(shift.name, seed) for _, shift, _, _, _ in plans
                           for seed in shift.seeds})
