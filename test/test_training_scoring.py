@@ -55,6 +55,24 @@ def test_training_writes_a_resumable_weights_only_checkpoint(frames, tmp_path):
                      path, torch.device('cpu'), progress=False)
 
 
+def test_training_is_deterministic_by_seed_on_cpu(frames, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        states = []
+        for run in ('a', 'b', 'c'):
+            seed = 1 if run == 'c' else 0
+            train_source(frames, SegmenterConfig(size='tiny'),
+                         TrainConfig(steps=3, batch_frames=2, seed=seed),
+                         tmp_path / f'{run}.pt', torch.device('cpu'), progress=False)
+            states.append(load_model_checkpoint(tmp_path / f'{run}.pt')[0].state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    same, other = states[0], states[2]
+    assert all(torch.equal(same[k], states[1][k]) for k in same), 'same seed, same weights'
+    assert any(not torch.equal(same[k], other[k]) for k in same if same[k].is_floating_point())
+
+
 class _Oracle:
     """A stand-in method that predicts given per-frame labels: scoring must then say 100%."""
 
@@ -112,6 +130,14 @@ def test_evaluate_tool_end_to_end(frames, tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     assert report['method'] == 'tent' and report['params']['lr_3d'] == 0.0005
+    # YAML reads 1e-12 (no dot) as a string: a float parameter takes it as a number.
+    rc = evaluate.main(['--checkpoint', str(checkpoint), '--domain', 'night', '--seeds', '7',
+                        '--frames', '2', '--image-size', '96', '54', '--method', 'mmtta',
+                        '--set', 'lr_2d=1e-12', '--cache-dir', str(tmp_path / 'cache'),
+                        '--device', 'cpu', '--json', str(out)])
+    assert rc == 0 and json.loads(out.read_text())['params']['lr_2d'] == 1e-12
+    with pytest.raises(SystemExit, match='no such parameter'):
+        evaluate.main(['--checkpoint', str(checkpoint), '--set', 'nonsense=1'])
     assert report['streams'][0]['frames'] == 2
     assert set(report['miou_mean']) == {'2d', '3d', '2d3d'}
 
