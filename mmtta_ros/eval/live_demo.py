@@ -170,12 +170,14 @@ def _spin_until(executor, condition, timeout: float) -> bool:
 def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: float,
              env: Dict[str, str], pictures: bool = True,
              parameters: Optional[Mapping[str, object]] = None,
-             player_args: Sequence[str] = ()) -> Dict[str, object]:
+             player_args: Sequence[str] = (), settle_timeout: float = 30.0
+             ) -> Dict[str, object]:
     """
     Start node + player for one method, record and score the output; return a report.
 
     parameters: extra node parameters {name: value} (-p name:=value); player_args: extra
-    arguments of mmtta_play_bag (e.g. --reliable).
+    arguments of mmtta_play_bag (e.g. --reliable); settle_timeout: how long to wait after
+    the bag for the node to finish (a queue of pairs takes a while).
     """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
@@ -215,14 +217,15 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
         player = subprocess.Popen(player_cmd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         _spin_until(executor, lambda: player.poll() is not None, 600.0)
-        # Let the node finish the pair it is working on.
+        # Let the node finish the pair it is working on (or every queued one).
         last = [len(recorder.outputs), time.monotonic()]
 
         def settled():
             if len(recorder.outputs) != last[0]:
                 last[:] = [len(recorder.outputs), time.monotonic()]
-            return time.monotonic() - last[1] > 3.0
-        _spin_until(executor, settled, 30.0)
+            idle = recorder.diagnostics.get('pairs_pending', '0') == '0'
+            return idle and time.monotonic() - last[1] > 3.0
+        _spin_until(executor, settled, settle_timeout)
     finally:
         if player is not None and player.poll() is None:
             player.send_signal(signal.SIGINT)
@@ -237,6 +240,7 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
     report = recorder.score()
     latencies = recorder.latencies()
     report.update(sweeps_seen=len(recorder.input_arrivals), diagnostics=recorder.diagnostics,
+                  labeled_stamps=sorted(stamp_to_ns(m.header.stamp) for m in recorder.outputs),
                   latency_ms_median=float(np.median(latencies) * 1e3) if latencies.size else None,
                   latency_ms_p90=float(np.percentile(latencies, 90) * 1e3)
                   if latencies.size else None)
@@ -250,6 +254,33 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
     executor.shutdown()
     recorder.node.destroy_node()
     rclpy.try_shutdown(context=context)
+    return report
+
+
+def score_labeled_bag(labeled_bag: Path, truth_bag: Path, stamps: Sequence[int],
+                      topic: str = f'/{NODE_NAME}/output/labeled_points') -> Dict[str, object]:
+    """Score the recorded labeled clouds of `stamps` against the demo bag's labels."""
+    from mmtta_ros.bags.reader import read_clouds
+    from mmtta_ros.core.classes import IGNORE_INDEX
+    from mmtta_ros.sensors.pointcloud import UNLABELED
+
+    wanted = set(stamps)
+    truth = {stamp: cloud.fields['label'].astype(np.int64)
+             for stamp, _, cloud in read_clouds(truth_bag, topic='/LIDAR_TOP/labels')
+             if stamp in wanted}
+    matrix = ConfusionMatrix(len(CLASS_NAMES))
+    scored = 0
+    for stamp, _, cloud in read_clouds(labeled_bag, topic=topic):
+        labels = truth.get(stamp)
+        if labels is None or stamp not in wanted or labels.shape[0] != cloud.points.shape[0]:
+            continue
+        labels = np.where(labels < len(CLASS_NAMES), labels, IGNORE_INDEX)
+        predicted = cloud.fields['label'].astype(np.int64)
+        keep = (predicted != UNLABELED) & (labels != IGNORE_INDEX)
+        matrix.update(labels[keep], predicted[keep])
+        scored += 1
+    report = matrix.report(CLASS_NAMES)
+    report.update(scored=scored)
     return report
 
 

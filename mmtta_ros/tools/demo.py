@@ -18,7 +18,8 @@ import sys
 import time
 
 from mmtta_ros.eval.live_demo import (
-    ensure_demo_bag, ensure_source_model, format_live_table, log, run_live)
+    ensure_demo_bag, ensure_source_model, format_live_table, log, run_live,
+    score_labeled_bag)
 
 
 def main(argv=None) -> int:
@@ -32,16 +33,17 @@ def main(argv=None) -> int:
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed')
     parser.add_argument('--train-steps', type=int, default=300)
     parser.add_argument('--methods', nargs='+', default=['source', 'mmtta'])
-    parser.add_argument('--momentum', type=float, default=0.9,
-                        help='MM-TTA slow-model momentum. The default 0.99 (Latte) barely moves '
-                             'the slow model in the few dozen frames a 20 s replay gives here; '
-                             '0.9 measured better on short streams (README)')
+    parser.add_argument('--momentum', type=float, default=None,
+                        help='MM-TTA slow-model momentum (default: config/adapt.yaml)')
+    parser.add_argument('--latest-only', action='store_true',
+                        help='the node labels only the newest pair, as it does live (the runs '
+                             'then label different sweeps); default: every pair, in order')
     args = parser.parse_args(argv)
 
     started = time.monotonic()
     data, out_dir = Path(args.data_dir), Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = (data / 'models' / 'source_tiny_day.pt').resolve()
+    checkpoint = (data / 'models' / 'source_tiny_day_s0.pt').resolve()
     bag = (data / 'bags' / f'night_demo_s{args.seed}_{args.duration:.0f}s').resolve()
     writer = None
     if not (bag / 'metadata.yaml').is_file() and not checkpoint.is_file():
@@ -69,13 +71,28 @@ def main(argv=None) -> int:
     env.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
     os.environ.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
                       ROS_DOMAIN_ID=env['ROS_DOMAIN_ID'])
+    parameters = {'adaptation.mmtta.momentum': args.momentum} if args.momentum else {}
+    player_args = []
+    if not args.latest_only:
+        # Every pair, in order, in every run: the methods label the same sweeps. The player
+        # waits for discovery, or the first messages are lost to the new subscriptions.
+        parameters['worker.process_every_pair'] = True
+        player_args = ['--delay', '5']
     reports = [run_live(method, checkpoint, bag, out_dir, args.rate, env,
-                        parameters={'adaptation.mmtta.momentum': args.momentum})
+                        parameters=parameters, player_args=player_args, settle_timeout=300.0)
                for method in args.methods]
+    common = sorted(set.intersection(*(set(r['labeled_stamps']) for r in reports)))
+    for report in reports:
+        same = score_labeled_bag(out_dir / f'{report["method"]}_labeled_points', bag, common)
+        report['same_sweeps'] = {'sweeps': same['scored'], 'miou': same['miou'],
+                                 'iou': same['iou']}
     (out_dir / 'live_results.json').write_text(json.dumps(reports, indent=2))
     print()
     print(f'Live mIoU (2D+3D, in-view points) on the night demo bag, replayed at {args.rate}x:')
     print(format_live_table(reports))
+    print(f'On the {len(common)} sweeps every run labeled: ' + ', '.join(
+        f'{r["method"]} {100 * r["same_sweeps"]["miou"]:.1f}' for r in reports
+        if r['same_sweeps']['miou'] is not None))
     for report in reports:
         clean = report['node_exit_code'] == 0 and not report['node_traceback']
         print(f'  {report["method"]}: node exited with {report["node_exit_code"]}'

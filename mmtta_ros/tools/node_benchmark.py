@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     data, out_dir = Path(args.data_dir), Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = (data / 'models' / 'source_tiny_day.pt').resolve()
+    checkpoint = (data / 'models' / 'source_tiny_day_s0.pt').resolve()
     bag = (data / 'bags' / f'night_demo_s{args.seed}_{args.duration:.0f}s').resolve()
     ensure_source_model(checkpoint, data / 'cache', 300)
     ensure_demo_bag(bag, args.seed, args.duration)
