@@ -8,10 +8,18 @@ rclpy = pytest.importorskip('rclpy', reason='rclpy not installed')
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 
 from test_bad_images import png_header_only  # noqa: E402
-from test_node import (  # noqa: E402, F401 - frames is a fixture
-    cloud_msg, counts, frames, Harness, image_msg, info_msg, send_and_wait)
+from mmtta_ros.synth import generate_frames, SequenceConfig  # noqa: E402
+from test_node import (  # noqa: E402
+    cloud_msg, counts, Harness, IMAGE_SIZE, image_msg, info_msg, send_and_wait)
 
 pytestmark = pytest.mark.dds
+
+
+@pytest.fixture(scope='module')
+def frames():
+    config = SequenceConfig(domain='night', seed=3, num_frames=6, image_size=IMAGE_SIZE,
+                            frame_stride=2, lidar_azimuth_steps=300)
+    return list(generate_frames(config))
 
 
 def latest_status(harness):

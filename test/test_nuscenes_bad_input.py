@@ -66,8 +66,8 @@ def test_one_missing_label_file_is_a_clear_error(dataset, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('how', ['no_lidarseg_folder', 'no_lidarseg_at_all'])
-def test_without_lidarseg_it_converts_and_warns_or_says_what_to_fix(dataset, tmp_path, capsys,
-                                                                     how):
+def test_without_lidarseg_it_converts_and_warns_or_says_what_to_fix(
+        dataset, tmp_path, capsys, how):
     shutil.rmtree(dataset.dataroot / 'lidarseg')
     if how == 'no_lidarseg_at_all':
         (dataset.dataroot / dataset.version / 'lidarseg.json').unlink()

@@ -1,4 +1,4 @@
-"""Saved files: stale temporaries cleaned, umask mode, disk full said plainly, bad files refused."""
+"""Saved files: stale temporaries cleaned, umask mode, disk full said plainly, bad ones refused."""
 
 import errno
 import os
