@@ -37,6 +37,7 @@ setup(
             'mmtta_make_demo_bag = mmtta_ros.tools.make_demo_bag:main',
             'mmtta_play_bag = mmtta_ros.tools.play_bag:main',
             'mmtta_nuscenes_to_bag = mmtta_ros.tools.nuscenes_to_bag:main',
+            'mmtta_fuzz_node = mmtta_ros.tools.fuzz_node:main',
         ],
     },
 )

@@ -4,8 +4,7 @@ import os
 
 from ament_index_python.packages import get_package_share_directory, PackageNotFoundError
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
-from launch.conditions import IfCondition
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -34,12 +33,31 @@ def _adapt_node(context):
         remappings=remappings, emulate_tty=True)]
 
 
+def _rviz(context):
+    if LaunchConfiguration('rviz').perform(context).lower() not in ('true', '1', 'yes'):
+        return []
+    # launch_ros fails on a missing package only after it started the node: that node
+    # then runs on its own, holding the topics. Check first, and go on without RViz.
+    try:
+        get_package_share_directory('rviz2')
+    except PackageNotFoundError:
+        return [LogInfo(msg='WARNING: rviz:=true but rviz2 is not installed '
+                            '(apt install ros-$ROS_DISTRO-rviz2): starting without RViz')]
+    share = _share()
+    return [Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
+                 arguments=['-d', os.path.join(share, 'config', 'mmtta.rviz')])]
+
+
+def _share():
+    try:
+        return get_package_share_directory('mmtta_ros')
+    except PackageNotFoundError:  # run from a source checkout, not an installed workspace
+        return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def generate_launch_description():
     """Describe the arguments, the node and RViz."""
-    try:
-        share = get_package_share_directory('mmtta_ros')
-    except PackageNotFoundError:  # run from a source checkout, not an installed workspace
-        share = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    share = _share()
     return LaunchDescription([
         DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config',
                                                                         'adapt.yaml'),
@@ -57,7 +75,5 @@ def generate_launch_description():
         DeclareLaunchArgument('points_topic', default_value='/LIDAR_TOP'),
         DeclareLaunchArgument('rviz', default_value='false', description='start RViz too'),
         OpaqueFunction(function=_adapt_node),
-        Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
-             arguments=['-d', os.path.join(share, 'config', 'mmtta.rviz')],
-             condition=IfCondition(LaunchConfiguration('rviz'))),
+        OpaqueFunction(function=_rviz),
     ])

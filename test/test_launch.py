@@ -33,3 +33,63 @@ def test_launch_description_loads_with_launch_ros():
     description = module.generate_launch_description()
     declared = {a.name for a in description.get_launch_arguments()}
     assert declared == EXPECTED_ARGUMENTS
+
+
+def _load_with_fake_launch(monkeypatch):
+    """Load the launch file against minimal stand-ins for launch and launch_ros."""
+    import sys
+    import types
+
+    class Action:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    class LaunchConfiguration:
+        def __init__(self, name):
+            self.name = name
+
+        def perform(self, context):
+            return context[self.name]
+
+    modules = {
+        'launch': types.ModuleType('launch'),
+        'launch.actions': types.ModuleType('launch.actions'),
+        'launch.substitutions': types.ModuleType('launch.substitutions'),
+        'launch_ros': types.ModuleType('launch_ros'),
+        'launch_ros.actions': types.ModuleType('launch_ros.actions'),
+    }
+    modules['launch'].LaunchDescription = Action
+    for name in ('DeclareLaunchArgument', 'LogInfo', 'OpaqueFunction'):
+        setattr(modules['launch.actions'], name, type(name, (Action,), {}))
+    modules['launch.substitutions'].LaunchConfiguration = LaunchConfiguration
+    modules['launch_ros.actions'].Node = type('Node', (Action,), {})
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location('adapt_launch_fake', LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ament_prefix(root, packages):
+    index = root / 'share' / 'ament_index' / 'resource_index' / 'packages'
+    index.mkdir(parents=True)
+    for package in packages:
+        (index / package).write_text('')
+        (root / 'share' / package).mkdir(parents=True)
+    return str(root)
+
+
+def test_rviz_true_without_rviz2_warns_instead_of_failing(monkeypatch, tmp_path):
+    module = _load_with_fake_launch(monkeypatch)
+    monkeypatch.setenv('AMENT_PREFIX_PATH', _ament_prefix(tmp_path / 'bare', []))
+    actions = module._rviz({'rviz': 'true'})
+    assert [type(a).__name__ for a in actions] == ['LogInfo']
+    assert 'rviz2 is not installed' in actions[0].kwargs['msg']
+    assert module._rviz({'rviz': 'false'}) == []
+    # Where rviz2 is installed, RViz is started with the package's config.
+    monkeypatch.setenv('AMENT_PREFIX_PATH', _ament_prefix(tmp_path / 'full', ['rviz2']))
+    actions = module._rviz({'rviz': 'true'})
+    assert [type(a).__name__ for a in actions] == ['Node']
+    assert actions[0].kwargs['package'] == 'rviz2'
+    assert actions[0].kwargs['arguments'][1].endswith('mmtta.rviz')

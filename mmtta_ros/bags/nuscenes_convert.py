@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import heapq
 import json
 from pathlib import Path
+import shutil
 import time
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -47,6 +48,11 @@ TF_TOPIC = '/tf'
 # What tf2_ros' TransformBroadcaster offers.
 TF_QOS = make_qos(reliable=True, transient_local=False, depth=100)
 NIGHT_KEYWORD = 'night'
+# xMUDA's day/night split (valeoai/xmuda, xmuda/data/nuscenes/splits.py): night scenes of
+# the official train set, less these 15 for validation, are train; the official val set's
+# night scenes are test. MM-TTA adapts and scores on the test night scenes.
+XMUDA_VAL_NIGHT = tuple(f'scene-{n}' for n in range(1044, 1059))
+SPLITS = ('train', 'val', 'test')
 # nuScenes-lidarseg class name -> project class, as xMUDA's journal version builds it:
 # nuscenes-devkit's LidarsegClassMapper (32 fine -> 16 challenge classes) then
 # NuScenesLidarSegBase.categories (16 -> 6). Everything else is ignored, including
@@ -73,6 +79,7 @@ class SceneConversion:
     message_counts: messages per topic
     unlabeled_keyframes: keyframe sweeps for which the dataset has no lidarseg file
     wall_seconds: time it took to read and write, seconds
+    labeled: whether the dataset has nuScenes-lidarseg (else the bag cannot be scored)
     """
 
     scene: str
@@ -84,6 +91,7 @@ class SceneConversion:
     num_points: int = 0
     wall_seconds: float = 0.0
     size_bytes: int = 0
+    labeled: bool = True
 
 
 def is_night(scene: Mapping) -> bool:
@@ -91,11 +99,24 @@ def is_night(scene: Mapping) -> bool:
     return NIGHT_KEYWORD in str(scene['description']).lower()
 
 
-def select_scenes(scenes: Sequence[Mapping],
-                  names: Optional[Sequence[str]] = None) -> List[Mapping]:
-    """Scene records named in `names` (in that order), or all night scenes when None."""
+def xmuda_night_split(name: str, split: str) -> bool:
+    """Whether night scene `name` belongs to xMUDA's `split` (train, val or test)."""
+    from nuscenes.utils import splits as official  # the devkit's official scene lists
+    if split == 'val':
+        return name in XMUDA_VAL_NIGHT
+    if split == 'test':
+        return name in official.val
+    if split == 'train':
+        return name in official.train and name not in XMUDA_VAL_NIGHT
+    raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def select_scenes(scenes: Sequence[Mapping], names: Optional[Sequence[str]] = None,
+                  split: Optional[str] = None) -> List[Mapping]:
+    """Scene records named in `names` (in that order), or the night scenes (of xMUDA's split)."""
     if names is None:
-        return [scene for scene in scenes if is_night(scene)]
+        return [scene for scene in scenes if is_night(scene)
+                and (split is None or xmuda_night_split(scene['name'], split))]
     by_name = {scene['name']: scene for scene in scenes}
     unknown = [name for name in names if name not in by_name]
     if unknown:
@@ -247,7 +268,9 @@ def convert_scene(nusc, scene: Mapping, path: PathLike, *, storage: str = 'mcap'
     Write one scene of a loaded NuScenes (nuscenes-devkit) as a bag at `path`.
 
     keyframes_only: 2 Hz keyframes only, else every LiDAR sweep (20 Hz) and camera frame
-    (12 Hz); with_tf: also odom -> base_link on /tf at every sample_data stamp.
+    (12 Hz); with_tf: also odom -> base_link on /tf at every sample_data stamp. The bag is
+    written under a temporary name beside `path` and renamed at the end, so a failed
+    conversion leaves nothing behind and can simply be run again.
     """
     started = time.perf_counter()
     path = Path(path)
@@ -256,11 +279,34 @@ def convert_scene(nusc, scene: Mapping, path: PathLike, *, storage: str = 'mcap'
     if path.exists():
         raise FileExistsError(f'{path} exists: rosbag2 bags are never overwritten; '
                               'remove it or choose another output directory')
+    partial = partial_path(path)
+    if partial.exists():
+        shutil.rmtree(partial)  # ours, from a conversion that was killed
+    try:
+        summary = _write_scene(nusc, scene, partial, storage=storage,
+                               keyframes_only=keyframes_only, with_tf=with_tf, topics=topics)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(path)
+    summary.path = path
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def partial_path(path: PathLike) -> Path:
+    """Return the temporary name a bag is written under until it is complete."""
+    path = Path(path)
+    return path.with_name(f'.{path.name}.partial')
+
+
+def _write_scene(nusc, scene: Mapping, path: Path, *, storage: str, keyframes_only: bool,
+                 with_tf: bool, topics: BagTopics) -> SceneConversion:
     dataroot = Path(nusc.dataroot)
     label_files = {r['sample_data_token']: r['filename'] for r in getattr(nusc, 'lidarseg', [])}
     lookup = lidarseg_lookup(nusc.category) if hasattr(nusc, 'lidarseg') else None
     summary = SceneConversion(scene=scene['name'], description=scene['description'],
-                              path=path, storage=storage)
+                              path=path, storage=storage, labeled=lookup is not None)
     typestore = bag_typestore()
 
     def calibration(channel_record: Mapping) -> Mapping:
@@ -333,8 +379,16 @@ def convert_scene(nusc, scene: Mapping, path: PathLike, *, storage: str = 'mcap'
         summary.message_counts = {topic: writer.counts[connection.id]
                                   for topic, connection in connections.items()}
     summary.size_bytes = sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
-    summary.wall_seconds = time.perf_counter() - started
     return summary
+
+
+def missing_files(nusc, scene: Mapping, keyframes_only: bool = False) -> List[Path]:
+    """Return the sweep and image files of a scene that are not on disk."""
+    dataroot = Path(nusc.dataroot)
+    return [dataroot / record['filename']
+            for _, record in scene_stream(nusc, scene, (LIDAR_CHANNEL, CAMERA_CHANNEL),
+                                          keyframes_only)
+            if not (dataroot / record['filename']).is_file()]
 
 
 def load_nuscenes(dataroot: PathLike, version: str = DEFAULT_VERSION):
@@ -347,25 +401,50 @@ def load_nuscenes(dataroot: PathLike, version: str = DEFAULT_VERSION):
     if not table_root.is_dir():
         raise FileNotFoundError(f'no nuScenes tables at {table_root}: check --dataroot and '
                                 '--version')
-    return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+    labels_dir = Path(dataroot) / 'lidarseg' / version
+    if (table_root / 'lidarseg.json').is_file() and not labels_dir.is_dir():
+        raise FileNotFoundError(
+            f'{table_root / "lidarseg.json"} is there but {labels_dir} is not: finish the '
+            'nuScenes-lidarseg install, or remove lidarseg.json to convert without labels')
+    try:
+        return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+    except AssertionError as error:  # the devkit checks its tables with assert
+        raise ValueError(f'nuscenes-devkit cannot load {table_root}: {error} (an incomplete '
+                         f'download? lidarseg/{version}/ needs one .bin per record of '
+                         'lidarseg.json)') from None
 
 
 def convert(dataroot: PathLike, output_dir: PathLike, *, version: str = DEFAULT_VERSION,
-            scene_names: Optional[Sequence[str]] = None, storage: str = 'mcap',
+            scene_names: Optional[Sequence[str]] = None, split: Optional[str] = None,
+            storage: str = 'mcap',
             keyframes_only: bool = False, with_tf: bool = True,
             topics: BagTopics = BagTopics(), progress=None) -> List[SceneConversion]:
     """
     Convert scenes of a nuScenes dataset to bags `output_dir/<scene name>`.
 
-    scene_names: scenes to convert, or None for every night scene; progress: called with
-    each SceneConversion as it is done. The other arguments are convert_scene's.
+    scene_names: scenes to convert, or None for every night scene (of xMUDA's `split`:
+    train, val or test, when given); progress: called with each SceneConversion as it is
+    done. The other arguments are convert_scene's. Every file the selected scenes need is
+    checked before anything is written.
     """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split is not None and scene_names is not None:
+        raise ValueError('name scenes or choose a split, not both')
     nusc = load_nuscenes(dataroot, version)
-    scenes = select_scenes(nusc.scene, scene_names)
+    scenes = select_scenes(nusc.scene, scene_names, split)
     if not scenes:
-        raise ValueError(f'{version} at {dataroot} has no night scene: name scenes to convert')
+        which = f"xMUDA's {split} split" if split else 'the dataset'
+        raise ValueError(f'{version} at {dataroot} has no night scene in {which}: name '
+                         'scenes to convert')
+    for scene in scenes:
+        missing = missing_files(nusc, scene, keyframes_only)
+        if missing:
+            raise FileNotFoundError(
+                f"{scene['name']}: {len(missing)} sample files are missing, e.g. {missing[0]} "
+                '(are samples/ and sweeps/ complete?)')
     output_dir = Path(output_dir)
     # Check every target before writing anything: a half-converted selection helps nobody.
     existing = [str(output_dir / s['name']) for s in scenes if (output_dir / s['name']).exists()]

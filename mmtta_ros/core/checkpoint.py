@@ -2,7 +2,8 @@
 Checkpoints: weights plus the model config in plain types, written atomically.
 
 Loaded with `torch.load(..., weights_only=True)`: a checkpoint holds tensors, numbers,
-strings, lists and dicts, never pickled code.
+strings, lists and dicts, never pickled code. A file that is not such a checkpoint is
+refused with a one-line ValueError.
 """
 
 import os
@@ -28,9 +29,16 @@ def load_model_checkpoint(path: PathLike, device: Union[str, torch.device] = 'cp
                           ) -> Tuple[DualBranchSegmenter, SegmenterConfig, Dict[str, Any]]:
     """Build the model a checkpoint describes and load its weights: (model, config, payload)."""
     payload = load_weights_only(path, device)
-    if 'model' not in payload or 'model_config' not in payload:
+    if not isinstance(payload.get('model'), dict) or \
+            not isinstance(payload.get('model_config'), dict):
         raise ValueError(f'{path} is not an mmtta_ros model checkpoint (no model / model_config)')
-    config = SegmenterConfig.from_dict(payload['model_config'])
-    model = build_segmenter(config).to(device)
-    model.load_state_dict(payload['model'])
+    try:
+        config = SegmenterConfig.from_dict(payload['model_config'])
+        model = build_segmenter(config).to(device)
+        model.load_state_dict(payload['model'])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        # load_state_dict lists every mismatch over many lines: the first says enough.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+        raise ValueError(f'{path}: the weights do not fit the model config they came with '
+                         f'({type(error).__name__}: {first})') from None
     return model, config, payload

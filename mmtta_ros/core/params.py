@@ -19,6 +19,7 @@ import yaml
 
 from mmtta_ros.core.classes import CLASS_NAMES, CLASS_PALETTE
 from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.sensors.image import MAX_IMAGE_PIXELS
 from mmtta_ros.sensors.projection import parse_extrinsics
 from mmtta_ros.tta.hyper import hyperparameters
 from mmtta_ros.tta.registry import METHODS
@@ -57,6 +58,10 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               'queue) instead of only the newest (replays, equivalence checks)', read_only=True),
     ParamSpec('worker.queue_size', 1000, 'pairs held for process_every_pair; beyond it the '
               'oldest are dropped and counted', 1, 100000, read_only=True),
+    ParamSpec('max_image_pixels', MAX_IMAGE_PIXELS, 'a camera_info larger than this many '
+              'pixels (width x height) is rejected, and an image must have camera_info\'s '
+              'size: a bigger one is refused before decoding (decompression bombs)', 1,
+              MAX_IMAGE_PIXELS, read_only=True),
     ParamSpec('max_stamp_skew', 0.0, 'reject a pair whose stamp is this many seconds away from '
               'the node clock (0: accept any; use with use_sim_time during replay)', 0.0, 1e9),
     # Model.
@@ -283,6 +288,7 @@ class NodeParams:
     process_every_pair: bool = False
     worker_queue_size: int = 1000
     max_stamp_skew_s: float = 0.0
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     diagnostics_period_s: float = 1.0
     reset_on_time_jump: bool = False
 
@@ -347,6 +353,7 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
         process_every_pair=v['worker.process_every_pair'],
         worker_queue_size=v['worker.queue_size'],
         max_stamp_skew_s=v['max_stamp_skew'],
+        max_image_pixels=v['max_image_pixels'],
         diagnostics_period_s=v['diagnostics_period'],
         reset_on_time_jump=v['reset.on_time_jump'])
 

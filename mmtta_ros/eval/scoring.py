@@ -68,7 +68,9 @@ def score_stream(pipeline: Pipeline, frames: Iterable[Frame],
 def format_report(title: str, report: Dict[str, object],
                   class_names: Sequence[str] = CLASS_NAMES) -> str:
     """Render a scoring report as a small text table (IoU in %)."""
-    lines = [f'{title}: {report["frames"]} frames, {report["seconds"]:.1f} s']
+    scored = report['frames'] - report['unlabeled_frames']
+    lines = [f'{title}: {report["frames"]} frames, {scored} of them labeled and scored, '
+             f'{report["seconds"]:.1f} s']
     header = f'{"head":<6}' + ''.join(f'{name[:10]:>11}' for name in class_names) + f'{"mIoU":>8}'
     lines.append(header)
     for head in HEADS:

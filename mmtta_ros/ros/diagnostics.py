@@ -2,7 +2,20 @@
 The node's figures (input rates, latency, step time, counters) under one lock, and their message.
 
 Callbacks and the worker thread report here; the diagnostics timer reads a consistent
-snapshot. Counters say where every message and every pair went.
+snapshot. Counters say where every message and every pair went; the books close:
+
+    image_received + points_received
+        == rejected_messages                         (refused by the pairing on arrival)
+         + sync_dropped_stale + sync_dropped_queue_full + sync_dropped_out_of_slop
+         + sync_dropped_unmatched + sync_dropped_reset + sync_pending   (never paired)
+         + 2 * (pairs_dropped_stale + pairs_pending                 (paired, not taken)
+                + frames_processed + rejected_frames + rejected_stamp_skew
+                + step_failures + pairs_abandoned + pairs_in_step)   (what the worker did)
+    camera_info_received == camera_info_accepted + rejected_camera_info
+
+`unaccounted_messages` is how far both ledgers are off (absolute): 0 whenever no message is between
+two counters (the figures are read one lock at a time, so under traffic it can be off by
+the few messages in flight).
 """
 
 from collections import deque
@@ -22,10 +35,20 @@ COUNTERS = (
     'rejected_messages',     # refused when added to the pairing (bad stamp)
     'rejected_frames',       # pairs that could not be decoded or had too little in view
     'rejected_stamp_skew',   # pairs stamped too far from the node clock
-    'rejected_camera_info',  # camera_info messages that are unusable (the last good one stays)
     'step_failures',         # unexpected errors in a step (logged with a traceback)
+    'pairs_abandoned',       # processed while the node was shutting down: not published
+    'camera_info_accepted',  # camera_info messages kept as the current one
+    'rejected_camera_info',  # camera_info messages that are unusable (the last good one stays)
     'time_jumps', 'resets', 'saves', 'save_failures',
 )
+# Worker outcomes of a pair taken from the mailbox: each taken pair ends in one of them.
+PAIR_OUTCOMES = ('frames_processed', 'rejected_frames', 'rejected_stamp_skew',
+                 'step_failures', 'pairs_abandoned')
+SYNC_DROPS = ('sync_dropped_stale', 'sync_dropped_queue_full', 'sync_dropped_out_of_slop',
+              'sync_dropped_unmatched', 'sync_dropped_reset')
+# This many backward time jumps within RATE_WINDOW_S is no looping bag but a publisher
+# that mixes old and new stamps: every jump clears the pairing queues.
+JUMPS_WARN = 3
 ADAPTATION_STATS = ('kept_ratio', 'entropy', 'loss', 'resets', 'dominant_fraction')
 
 
@@ -37,6 +60,8 @@ class NodeDiagnostics:
         self._arrivals: Dict[str, Deque[float]] = {key: deque() for key in inputs}
         self._received = {key: 0 for key in inputs}
         self._counters = {key: 0 for key in COUNTERS}
+        self._jumps: Deque[float] = deque()
+        self._in_step = 0
         self._latencies: Deque[float] = deque(maxlen=HISTORY)
         self._steps: Deque[float] = deque(maxlen=HISTORY)
         self._last_stats: Dict[str, Any] = {}
@@ -56,10 +81,32 @@ class NodeDiagnostics:
         with self._lock:
             self._counters[name] += amount
 
+    def time_jump(self) -> None:
+        """Note one backward time jump (counted, and kept for the recent-jumps figure)."""
+        now = time.monotonic()
+        with self._lock:
+            self._counters['time_jumps'] += 1
+            self._jumps.append(now)
+            while self._jumps and self._jumps[0] < now - RATE_WINDOW_S:
+                self._jumps.popleft()
+
+    def pair_taken(self) -> None:
+        """Note that the worker took a pair; it is in its step until `pair_done`."""
+        with self._lock:
+            self._counters['pairs_taken'] += 1
+            self._in_step = 1
+
+    def pair_done(self, outcome: str) -> None:
+        """Note how the pair in the step ended (one of PAIR_OUTCOMES but frames_processed)."""
+        with self._lock:
+            self._counters[outcome] += 1
+            self._in_step = 0
+
     def frame_done(self, latency_s: float, step_s: float, stats: Mapping[str, Any]) -> None:
         """Note one labeled frame: latency since its pair was complete, step time, stats."""
         with self._lock:
             self._counters['frames_processed'] += 1
+            self._in_step = 0
             self._latencies.append(latency_s)
             self._steps.append(step_s)
             self._last_stats = dict(stats)
@@ -77,19 +124,40 @@ class NodeDiagnostics:
                                     if self._latencies else float('nan'))
             values['step_ms'] = float(np.mean(self._steps)) * 1e3 if self._steps else float('nan')
             values.update(self._counters)
+            values['pairs_in_step'] = self._in_step
+            values['time_jumps_recent'] = sum(t >= now - RATE_WINDOW_S for t in self._jumps)
             for key in ADAPTATION_STATS:
                 if key in self._last_stats:
                     values[f'adaptation_{key}'] = self._last_stats[key]
         values.update(extra or {})
+        if all(key in values for key in ('sync_received', 'pairs_pending')):
+            values['unaccounted_messages'] = unaccounted_messages(values)
         return values
+
+
+def unaccounted_messages(values: Mapping[str, Any]) -> int:
+    """Return received messages minus those accounted for by reason (module docstring): 0."""
+    received = values['image_received'] + values['points_received']
+    pairs = (values['pairs_dropped_stale'] + values['pairs_pending'] + values['pairs_in_step']
+             + sum(values[key] for key in PAIR_OUTCOMES))
+    accounted = (values['rejected_messages'] + sum(values[key] for key in SYNC_DROPS)
+                 + values['sync_pending'] + 2 * pairs)
+    info = values['camera_info_received'] - (values['camera_info_accepted']
+                                             + values['rejected_camera_info'])
+    return int(abs(received - accounted) + abs(info))
 
 
 def diagnostic_array(values: Mapping[str, Any], stamp, *, method: str,
                      worker_alive: bool) -> DiagnosticArray:
     """Return the /diagnostics message of `values`."""
     status = DiagnosticStatus(name='mmtta_ros: adaptation', hardware_id='mmtta_adapt')
+    jumps = values.get('time_jumps_recent', 0)
     if not worker_alive:
         status.level, status.message = DiagnosticStatus.ERROR, 'the worker thread stopped'
+    elif jumps >= JUMPS_WARN:
+        status.level = DiagnosticStatus.WARN
+        status.message = (f'stamps jumped back {jumps} times in {RATE_WINDOW_S:g} s: a '
+                          'publisher mixes old and new stamps? each jump clears the pairing')
     elif values['frames_processed'] == 0:
         status.level, status.message = DiagnosticStatus.WARN, 'no frame processed yet'
     else:

@@ -46,7 +46,7 @@ class MMTTANode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
         self.pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
         self.state = StateKeeper(self.pipeline, self.params.state)
-        resumed = self.state.resume()
+        resumed = self.state.resume(warn=self.get_logger().warning)
         if resumed:
             self.get_logger().info(resumed)
         self.sync = build_synchronizer(self.params.sync)
@@ -96,13 +96,14 @@ class MMTTANode(Node):
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self.diagnostics.received('camera_info')
         try:
-            camera_info_to_intrinsics(msg)
+            camera_info_to_intrinsics(msg, max_pixels=self.params.max_image_pixels)
         except SensorDataError as error:  # keep the last good one
             self.diagnostics.count('rejected_camera_info')
             self.get_logger().warning(f'rejected camera_info: {error}',
                                       throttle_duration_sec=THROTTLE_S)
             return
         self._camera_info = msg
+        self.diagnostics.count('camera_info_accepted')
 
     def _on_image(self, msg) -> None:
         self.diagnostics.received('image')
@@ -127,7 +128,7 @@ class MMTTANode(Node):
                 self.mailbox.put((event, time.monotonic()), order=event.seq)
 
     def _on_time_jump(self, event: TimeJump) -> None:
-        self.diagnostics.count('time_jumps')
+        self.diagnostics.time_jump()
         self.mailbox.clear()
         message = (f'time jumped back by {event.jump_ns / 1e9:.2f} s (looping bag?): '
                    'sync queues cleared')
@@ -145,27 +146,30 @@ class MMTTANode(Node):
             item = self.mailbox.take(timeout=0.1)
             if item is None:
                 continue
-            self.diagnostics.count('pairs_taken')
+            self.diagnostics.pair_taken()
             pair, complete_at = item
             image_msg, cloud_msg = pair.messages[IMAGE], pair.messages[POINTS]
             if not self._stamp_acceptable(cloud_msg):
+                self.diagnostics.pair_done('rejected_stamp_skew')
                 continue
             try:
                 output = self.pipeline.process_messages(
                     image_msg, self._camera_info, cloud_msg)
             except SensorDataError as error:
-                self.diagnostics.count('rejected_frames')
+                self.diagnostics.pair_done('rejected_frames')
                 self.get_logger().warning(f'rejected input: {error}',
                                           throttle_duration_sec=THROTTLE_S)
                 continue
             except Exception:  # noqa: B902 - one failed step must not stop the node for good
-                self.diagnostics.count('step_failures')
+                self.diagnostics.pair_done('step_failures')
                 self.get_logger().error('adaptation step failed; frame skipped:\n'
                                         + traceback.format_exc(),
                                         throttle_duration_sec=THROTTLE_S)
                 continue
             if not self._running or not self.context.ok():
-                break  # Ctrl-C arrived during the step: nothing to publish on any more
+                # Ctrl-C arrived during the step: nothing to publish on any more.
+                self.diagnostics.pair_done('pairs_abandoned')
+                break
             self.cloud_pub.publish(cloud_message(output.cloud, cloud_msg.header))
             if output.overlay is not None:
                 self.overlay_pub.publish(image_message(output.overlay, image_msg.header))
@@ -179,7 +183,6 @@ class MMTTANode(Node):
         skew = (stamp_to_ns(cloud_msg.header.stamp) - self.get_clock().now().nanoseconds) / 1e9
         if abs(skew) <= limit:
             return True
-        self.diagnostics.count('rejected_stamp_skew')
         self.get_logger().warning(
             f'rejected a frame stamped {skew:+.1f} s from the node clock (max_stamp_skew '
             f'{limit} s; replaying a bag? set use_sim_time)', throttle_duration_sec=THROTTLE_S)
@@ -253,8 +256,10 @@ def main(args=None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config / files: say why
-        rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
+    except (ValueError, OSError, RuntimeError) as error:  # bad config / files: say why
+        # One line: a monitor greps it, and a multi-line message reads like a traceback.
+        reason = '; '.join(line.strip() for line in str(error).splitlines() if line.strip())
+        rclpy.logging.get_logger(NODE_NAME).fatal(reason or type(error).__name__)
         return 2
     finally:
         if node is not None:

@@ -9,6 +9,7 @@ from typing import Any, Dict, List
 
 from rcl_interfaces.msg import (
     FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult)
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -39,8 +40,29 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
 def declare_parameters(node: Node) -> NodeParams:
     """Declare every parameter on `node`; return them typed (ValueError lists problems)."""
     for spec in PARAMETERS:
-        node.declare_parameter(spec.name, spec.default, descriptor(spec))
+        # rclpy checks a start value (-p, params file) against the descriptor itself and
+        # raises its own exceptions: made a ValueError, so main() ends in one FATAL line.
+        try:
+            node.declare_parameter(spec.name, spec.default, descriptor(spec))
+        except InvalidParameterTypeException:
+            raise ValueError(f'invalid parameters: {spec.name} must be '
+                             f'{_kind(spec.default)}') from None
+        except InvalidParameterValueException:
+            raise ValueError(f'invalid parameters: {spec.name} must be in '
+                             f'[{spec.low}, {spec.high}]') from None
     return node_params(current_values(node))
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return 'true or false'
+    if isinstance(default, int):
+        return 'an integer'
+    if isinstance(default, float):
+        return 'a number'
+    if isinstance(default, list):
+        return 'a list'
+    return 'a string'
 
 
 def current_values(node: Node) -> Dict[str, Any]:

@@ -25,6 +25,10 @@ _RAW_ENCODINGS = {
 }
 RAW_ENCODINGS = tuple(_RAW_ENCODINGS)
 COMPRESSED_FORMATS = ('jpeg', 'png')
+# Largest image (width x height) decoded at all: 50 MP is 6x a 4K frame. A compressed
+# image's header is read before its pixels, so a tiny file claiming more is refused
+# before it can take gigabytes (a decompression bomb). The node sets its own limit.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def _buffer(data) -> np.ndarray:
@@ -73,7 +77,9 @@ def image_to_rgb(msg) -> np.ndarray:
     return np.ascontiguousarray(pixels[:, :, list(channels)])
 
 
-def compressed_image_to_rgb(msg, draft_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+def compressed_image_to_rgb(msg, draft_size: Optional[Tuple[int, int]] = None,
+                            expected_size: Optional[Tuple[int, int]] = None,
+                            max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """
     Decode a sensor_msgs/CompressedImage (jpeg or png) to <np.uint8: H, W, 3> RGB.
 
@@ -81,6 +87,8 @@ def compressed_image_to_rgb(msg, draft_size: Optional[Tuple[int, int]] = None) -
     at the smallest power-of-two reduction still at least that large (libjpeg DCT scaling),
     which is several times faster than a full decode. The result may be larger than
     draft_size: resize it with `resize_image` (which keeps K consistent).
+    expected_size: (width, height) camera_info gives; an image whose header says otherwise
+    is refused before decoding, as is one over max_pixels (width x height).
     """
     fmt = str(msg.format).lower()
     if fmt and not any(name in fmt for name in ('jpeg', 'jpg', 'png')):
@@ -94,11 +102,26 @@ def compressed_image_to_rgb(msg, draft_size: Optional[Tuple[int, int]] = None) -
             if image.format not in ('JPEG', 'PNG'):
                 raise SensorDataError(
                     f'compressed image data is {image.format}, not jpeg or png')
+            # open() reads the header only: check the size before any pixel is decoded.
+            check_image_size(image.size, expected_size, max_pixels)
             if draft_size is not None and image.format == 'JPEG':
                 image.draft('RGB', tuple(int(v) for v in draft_size))
             return np.asarray(image.convert('RGB'))
-    except (OSError, SyntaxError) as error:
+    except (OSError, SyntaxError, PILImage.DecompressionBombError) as error:
         raise SensorDataError(f'cannot decode compressed image ({msg.format!r}): {error}')
+
+
+def check_image_size(size: Tuple[int, int], expected_size: Optional[Tuple[int, int]] = None,
+                     max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Raise SensorDataError if (width, height) differs from expected_size or is too large."""
+    width, height = int(size[0]), int(size[1])
+    if expected_size is not None and (width, height) != tuple(int(v) for v in expected_size):
+        raise SensorDataError(
+            f'image is {width}x{height} but camera_info says '
+            f'{int(expected_size[0])}x{int(expected_size[1])}: refused before decoding')
+    if width * height > max_pixels:
+        raise SensorDataError(f'image is {width}x{height} = {width * height} pixels, more '
+                              f'than the limit of {max_pixels}: refused before decoding')
 
 
 @dataclass
@@ -124,8 +147,8 @@ class CameraIntrinsics:
         return self.width, self.height
 
 
-def camera_info_to_intrinsics(msg) -> CameraIntrinsics:
-    """Read K, distortion and image size from a sensor_msgs/CameraInfo."""
+def camera_info_to_intrinsics(msg, max_pixels: int = MAX_IMAGE_PIXELS) -> CameraIntrinsics:
+    """Read K, distortion and image size (at most max_pixels) from a sensor_msgs/CameraInfo."""
     K = np.asarray(msg.k, dtype=np.float64)
     if K.size != 9:
         raise SensorDataError(f'camera_info K has {K.size} values, expected 9')
@@ -134,6 +157,9 @@ def camera_info_to_intrinsics(msg) -> CameraIntrinsics:
     width, height = int(msg.width), int(msg.height)
     if width <= 0 or height <= 0:
         raise SensorDataError(f'camera_info image size is {width}x{height}')
+    if width * height > max_pixels:
+        raise SensorDataError(f'camera_info image size {width}x{height} is more than '
+                              f'{max_pixels} pixels (the image size limit)')
     return CameraIntrinsics(
         K=K, distortion=np.asarray(msg.d, dtype=np.float64).copy(),
         distortion_model=str(msg.distortion_model), width=width, height=height)
@@ -197,13 +223,16 @@ def decode_image(image_msg, info_msg, image_size: Optional[Tuple[int, int]],
 
     raw: image_msg is a sensor_msgs/Image (else a CompressedImage). K comes from
     `info_msg` (a CameraInfo for the full-size image) and is scaled with every size
-    change; image_size None keeps the decoded size.
+    change; image_size None keeps the decoded size. An image whose size differs from
+    camera_info's is refused (its K would be wrong), a compressed one before decoding.
     """
     intrinsics = camera_info_to_intrinsics(info_msg)
     if raw:
+        check_image_size((int(image_msg.width), int(image_msg.height)), intrinsics.image_size)
         image = image_to_rgb(image_msg)
     else:
-        image = compressed_image_to_rgb(image_msg, draft_size=image_size)
+        image = compressed_image_to_rgb(image_msg, draft_size=image_size,
+                                        expected_size=intrinsics.image_size)
     # A draft jpeg decode is smaller than camera_info's size: scale K to what was decoded.
     decoded_size = (int(image.shape[1]), int(image.shape[0]))
     K = scale_intrinsics(intrinsics.K, intrinsics.image_size, decoded_size)

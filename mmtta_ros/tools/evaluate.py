@@ -107,6 +107,8 @@ def check_paths(args) -> None:
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f'no checkpoint at {args.checkpoint}')
     for bag in args.bag or []:
+        if not Path(bag).exists():
+            raise SystemExit(f'no bag at {bag}')
         if not (Path(bag) / 'metadata.yaml').is_file() and not Path(bag).is_file():
             raise SystemExit(f'{bag} is not a rosbag2 bag (no metadata.yaml)')
     if args.output_bag:
@@ -124,7 +126,10 @@ def main(argv=None) -> int:
     # Heavy imports after the arguments are known to be good.
     from mmtta_ros.core.builder import build_pipeline
 
-    pipeline = build_pipeline(params.pipeline)
+    try:  # the checkpoint is read here, before any frame: a bad one ends the run now
+        pipeline = build_pipeline(params.pipeline)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f'error: {error}') from None
     method = params.pipeline.adaptation.method
     reports = []
     for name, frames in _streams(args, params):
