@@ -108,7 +108,8 @@ def render_tables(results: Dict[str, Any]) -> str:
 
 _ROW_ORDER = {'source': 0, 'bn_stats': 1, 'bn_stats_prior': 2, 'bn_stats_ema': 3,
               'bn_stats_fallback': 4, 'bn_stats_ema_fallback': 4.5, 'tent_ens': 5, 'xmuda_pl': 6, 'mmtta_paper': 7,
-              'mmtta_0.9': 8, 'mmtta_0.9_fallback': 9, 'default': 10, 'oracle': 11}
+              'mmtta_0.9': 8, 'mmtta_0.9_fallback': 9, 'mmtta_0.9_stats_only': 9.3,
+              'mmtta_0.9_lr_x100': 9.6, 'default': 10, 'oracle': 11}
 
 
 def update_readme(readme: Path, tables: str) -> None:
@@ -134,22 +135,29 @@ def plot_streams(results: Dict[str, Any], path: Path) -> None:
     lines = (len(shifts) + columns - 1) // columns
     figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines),
                                 squeeze=False)
+    colours = plt.get_cmap('tab20')
     for axis, shift in zip(axes.flat, shifts):
-        for row in rows:
+        for index, row in enumerate(rows):
             streams = _streams_by(records, shift, row)
             if not streams:
                 continue
             curve = np.mean([s['windows_2d3d'] for s in streams.values()], axis=0)
-            axis.plot(np.arange(len(curve)) * 10 + 5, curve, label=row,
-                      linewidth=2.0 if row in ('default', 'source') else 1.0)
+            axis.plot(np.arange(len(curve)) * 10 + 5, curve, label=row, color=colours(index),
+                      linewidth=2.5 if row in ('default', 'source', 'oracle') else 1.0)
         axis.set_title(shift)
         axis.set_xlabel('frame')
         axis.set_ylabel('2D+3D mIoU %')
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(shifts):]:
         axis.axis('off')
-    axes.flat[0].legend(fontsize=7)
-    figure.tight_layout()
+    handles, labels = [], []
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    figure.tight_layout(rect=(0, 0, 0.85, 1))
+    figure.legend(handles, labels, loc='center right', fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=80)
     plt.close(figure)
