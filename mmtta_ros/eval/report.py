@@ -106,10 +106,10 @@ def render_tables(results: Dict[str, Any]) -> str:
     return '\n'.join(out).rstrip() + '\n'
 
 
-_ROW_ORDER = {'source': 0, 'bn_stats': 1, 'bn_stats_prior': 2, 'bn_stats_ema': 3,
-              'bn_stats_fallback': 4, 'bn_stats_ema_fallback': 4.5, 'tent_ens': 5, 'xmuda_pl': 6, 'mmtta_paper': 7,
-              'mmtta_0.9': 8, 'mmtta_0.9_fallback': 9, 'mmtta_0.9_stats_only': 9.3,
-              'mmtta_0.9_lr_x100': 9.6, 'default': 10, 'oracle': 11}
+_ROW_ORDER = {name: index for index, name in enumerate((
+    'source', 'bn_stats', 'bn_stats_prior', 'bn_stats_ema', 'bn_stats_fallback',
+    'bn_stats_ema_fallback', 'tent_ens', 'xmuda_pl', 'mmtta_paper', 'mmtta_0.9',
+    'mmtta_0.9_fallback', 'mmtta_0.9_stats_only', 'mmtta_0.9_lr_x100', 'default', 'oracle'))}
 
 
 def update_readme(readme: Path, tables: str) -> None:
