@@ -863,3 +863,23 @@ def test_the_builder_wraps_any_method_in_the_fallback_and_reset_is_exact():
     method.reset()
     for key, value in method.model.state_dict().items():
         assert torch.equal(value, source[key]), key
+
+
+@pytest.mark.parametrize('name', sorted(METHODS))
+def test_a_predictor_copy_kept_in_sync_predicts_what_step_returns(name):
+    """predict() on a copy loaded with prediction_state() == step()'s prediction (protocol)."""
+    settings = {'source': {}, 'bn_stats': {}}.get(name, FAST_LRS)
+    method = build_method(name, make_source_model(), **settings)
+    predictor = copy.deepcopy(method)
+    for batch in target_stream(4):
+        predictor.load_prediction_state(method.prediction_state())
+        predicted = predictor.predict(batch)
+        stepped = method.step(batch)  # the paper's protocol: predicted before the update
+        torch.testing.assert_close(predicted.logits_2d, stepped.logits_2d)
+        torch.testing.assert_close(predicted.logits_3d, stepped.logits_3d)
+    # predict() changes nothing: the same input twice, the same output.
+    again = predictor.predict(batch)
+    torch.testing.assert_close(again.logits_2d, predicted.logits_2d)
+    if name != 'source':
+        assert predictor.prediction_state().keys() == method.prediction_state().keys()
+        assert len(method.prediction_state()) > 0

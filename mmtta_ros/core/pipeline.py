@@ -133,6 +133,23 @@ class Pipeline:
         than one value per channel, and so few points say nothing about the scene. A
         rejected frame does not enter the window.
         """
+        return self._run(frame, adapt=True)
+
+    def predict(self, frame: Frame) -> FrameOutput:
+        """Label `frame` with the method's current state, adapting nothing (no window)."""
+        return self._run(frame, adapt=False)
+
+    def prediction_state(self) -> dict:
+        """Return a copy of what the method's prediction depends on (never half a step)."""
+        with self._lock:
+            return self.method.prediction_state()
+
+    def load_prediction_state(self, state: dict) -> None:
+        """Load another copy's prediction state between two frames."""
+        with self._lock:
+            self.method.load_prediction_state(state)
+
+    def _run(self, frame: Frame, adapt: bool) -> FrameOutput:
         started = time.perf_counter()
         projection = project_frame(frame, self.min_depth)
         in_view = int(np.count_nonzero(projection.in_view))
@@ -141,11 +158,17 @@ class Pipeline:
                 f'only {in_view} LiDAR points project into the image (need '
                 f'{MIN_POINTS_IN_VIEW}): camera covered, or T_cam_from_lidar / K wrong?')
         with self._lock:
-            frames, projections = zip(*self._window.push((frame, projection)))
+            if adapt:
+                frames, projections = zip(*self._window.push((frame, projection)))
+            else:
+                frames, projections = (frame,), (projection,)
             inputs, in_view_masks = frames_to_input(frames, self.device,
                                                     projections=projections)
-            prediction = self.method.step(inputs)
-            stats = dict(getattr(self.method, 'stats', {}) or {})
+            if adapt:
+                prediction = self.method.step(inputs)
+                stats = dict(getattr(self.method, 'stats', {}) or {})
+            else:
+                prediction, stats = self.method.predict(inputs), {}
         newest = inputs.batch_index == len(frames) - 1
         with torch.no_grad():
             probs = prediction.probs_2d3d()[newest]

@@ -25,7 +25,7 @@ from mmtta_ros.tta.guard import CollapseGuard
 from mmtta_ros.tta.hyper import Range
 from mmtta_ros.tta.losses import ensemble_log_probs, softmax_entropy
 from mmtta_ros.tta.norm import (
-    branch_norm_parameters, configure_norm_adaptation, set_norm_train_mode)
+    branch_norm_parameters, configure_norm_adaptation, norm_layers, set_norm_train_mode)
 from mmtta_ros.core.persist import atomic_torch_save, load_weights_only, PathLike
 
 # Latte's defaults (the public MM-TTA re-implementation); the MM-TTA paper gives none.
@@ -182,6 +182,40 @@ class AdaptationMethod:
         """Adapt on `inputs`; return (detached prediction, numbers for stats)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def predict(self, inputs: Any) -> Any:
+        """
+        Return the prediction the method makes now, without adapting (no update, no stats).
+
+        It is what `step` returns before its update, so a predictor that runs `predict` on
+        a copy kept in sync with `prediction_state` labels as the paper's protocol does.
+        """
+        output = self._predict(inputs)
+        check_output(output, self.name)
+        return detach_output(output)
+
+    def _predict(self, inputs: Any) -> Any:
+        self.model.eval()
+        return self.model(inputs)
+
+    def prediction_models(self) -> Dict[str, nn.Module]:
+        """Return the models whose norm layers `predict` reads and adaptation changes."""
+        return {'model': self.model}
+
+    def prediction_state(self) -> Dict[str, torch.Tensor]:
+        """Return clones of every tensor `predict` reads that adaptation may change."""
+        return {f'{prefix}.{name}.{key}': tensor.detach().clone()
+                for prefix, model in self.prediction_models().items()
+                for name, layer in norm_layers(model)
+                for key, tensor in layer.state_dict().items()}
+
+    def load_prediction_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Copy tensors from another copy's `prediction_state` into this method, in place."""
+        for prefix, model in self.prediction_models().items():
+            for name, layer in norm_layers(model):
+                for key, tensor in layer.state_dict().items():
+                    tensor.copy_(state[f'{prefix}.{name}.{key}'])
+
     def reset(self) -> None:
         """Go back to the source weights, bit for bit, with fresh optimiser state."""
         self.model.load_state_dict(self._source_state)
@@ -302,6 +336,11 @@ class NormAdaptationMethod(AdaptationMethod):
             after = self.model(inputs)
         check_output(after, self.name)
         return detach_output(after), values
+
+    def _predict(self, inputs: Any) -> Any:
+        # The fast model as step() predicts before its update: batch-norm batch statistics.
+        set_norm_train_mode(self.model)
+        return self.model(inputs)
 
     def _check_grad_mode(self) -> None:
         """Fail early where autograd cannot work: enable_grad does not leave inference mode."""

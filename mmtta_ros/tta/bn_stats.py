@@ -57,18 +57,35 @@ class BatchNormStatistics(AdaptationMethod):
         self._source = [{name: getattr(layer, name).detach().clone() for name in STATISTICS}
                         for layer in self._layers]
 
+    @property
+    def _per_batch(self) -> bool:
+        return self.momentum == 1.0 and self.source_weight == 0.0
+
+    def _batch_statistics_forward(self, inputs: Any) -> Any:
+        """Forward with each batch-norm layer on the batch's own statistics, storing nothing."""
+        self.model.eval()
+        for layer in self._layers:
+            layer.train()
+            layer.track_running_stats = False
+        output = self.model(inputs)
+        for layer in self._layers:
+            layer.track_running_stats = True
+            layer.eval()
+        return output
+
+    def _predict(self, inputs: Any) -> Any:
+        if self._per_batch:
+            return self._batch_statistics_forward(inputs)
+        # The statistics the last step left in the layers (before this batch is folded in).
+        self.model.eval()
+        return self.model(inputs)
+
     @torch.no_grad()
     def _adapt(self, inputs: Any) -> Tuple[Any, Dict[str, Any]]:
         self.model.eval()
-        if self.momentum == 1.0 and self.source_weight == 0.0:
+        if self._per_batch:
             # Plain AdaBN: one forward with batch statistics, nothing to remember.
-            for layer in self._layers:
-                layer.train()
-                layer.track_running_stats = False
-            output = self.model(inputs)
-            for layer in self._layers:
-                layer.track_running_stats = True
-                layer.eval()
+            output = self._batch_statistics_forward(inputs)
             check_output(output, self.name)
             return detach_output(output), {'updated': False}
         # Measure this batch's statistics (BatchNorm stores them with momentum 1) ...

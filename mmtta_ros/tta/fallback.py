@@ -13,6 +13,7 @@ on either way, so the method can recover. Cost: one source forward per step.
 """
 
 import copy
+import math
 from typing import Any, Dict
 
 import torch
@@ -86,6 +87,38 @@ class SourceFallback:
                      agreement_source=self.agreement_source)
         self.stats = stats
         return prediction
+
+    def _falling_back(self) -> bool:
+        return (self.agreement_adapted is not None
+                and self.agreement_adapted < self.agreement_source - self.margin)
+
+    @torch.no_grad()
+    def predict(self, inputs: Any) -> Any:
+        """Return the prediction the current decision picks, adapting nothing."""
+        if self._falling_back():
+            self.source_model.eval()
+            output = detach_output(self.source_model(inputs))
+            check_output(output, 'fallback')
+            return output
+        return self.method.predict(inputs)
+
+    def prediction_state(self) -> Dict[str, torch.Tensor]:
+        """Return the method's prediction state and the fallback's decision inputs."""
+        state = self.method.prediction_state()
+        nan = float('nan')
+        state['fallback.agreements'] = torch.tensor([
+            nan if self.agreement_adapted is None else self.agreement_adapted,
+            nan if self.agreement_source is None else self.agreement_source],
+            dtype=torch.float64)
+        return state
+
+    def load_prediction_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Copy another copy's prediction state in."""
+        state = dict(state)
+        adapted, source = state.pop('fallback.agreements').tolist()
+        self.method.load_prediction_state(state)
+        self.agreement_adapted = None if math.isnan(adapted) else adapted
+        self.agreement_source = None if math.isnan(source) else source
 
     def reset(self) -> None:
         """Reset the method to the source and forget the agreements."""

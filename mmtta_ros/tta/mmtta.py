@@ -201,6 +201,14 @@ class MMTTA(NormAdaptationMethod):
         check_output(after, self.name)
         return detach_output(after), values
 
+    def _predict(self, inputs: Any) -> Any:
+        self.slow_model.eval()
+        return self.slow_model(inputs)
+
+    def prediction_models(self) -> Dict[str, nn.Module]:
+        """Return the slow model: it alone predicts."""
+        return {'slow_model': self.slow_model}
+
     def _reset_extra(self) -> None:
         super()._reset_extra()
         self.slow_model.load_state_dict(self._source_state)

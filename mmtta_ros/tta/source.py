@@ -19,6 +19,10 @@ class SourceOnly(AdaptationMethod):
         super().__init__(model, predict_before_update=True, collapse_guard=collapse_guard)
         freeze(model)
 
+    def prediction_models(self) -> Dict[str, nn.Module]:
+        """Return nothing: the source model never changes."""
+        return {}
+
     @torch.no_grad()
     def _adapt(self, inputs: Any) -> Tuple[Any, Dict[str, Any]]:
         self.model.eval()

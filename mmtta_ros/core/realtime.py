@@ -1,0 +1,105 @@
+"""
+Predict and adapt apart: every frame labeled at inference cost, adaptation behind it.
+
+A predictor (a copy of the method) labels each frame with `predict` as soon as it comes;
+an adapter (the method itself) adapts on the frames it is handed, at its own pace, and
+after each step passes the tensors the prediction depends on (`prediction_state`) over.
+The predictor loads the newest of them between two frames, never during one, so a label
+never mixes two states and no lock is held across a forward. When the adapter keeps up
+(every frame adapted before the next is predicted) the labels are the paper's protocol:
+each frame predicted by the state before its own update.
+"""
+
+import copy
+import threading
+from typing import Dict, Optional
+
+import torch
+
+from mmtta_ros.core.frame import Frame
+from mmtta_ros.core.persist import PathLike
+from mmtta_ros.core.pipeline import FrameOutput, Pipeline
+
+
+class SplitPipeline:
+    """A predictor pipeline and an adapter pipeline that share the adapted state."""
+
+    def __init__(self, adapter: Pipeline):
+        self.adapter = adapter
+        self.predictor = Pipeline(
+            copy.deepcopy(adapter.method), adapter.device, min_depth=adapter.min_depth,
+            image_size=adapter.image_size, inputs=adapter.inputs, output=adapter.output)
+        self._exchange = threading.Lock()
+        self._pending: Optional[Dict[str, torch.Tensor]] = None
+        self.published = 0  # prediction states the adapter handed over
+        self.loaded = 0     # of them loaded by the predictor (older ones are skipped)
+
+    @property
+    def method_name(self) -> str:
+        """Return the adaptation method's registry name."""
+        return self.adapter.method_name
+
+    @property
+    def output(self):
+        """Return the output settings (shared by both sides)."""
+        return self.predictor.output
+
+    def set_output(self, **changes) -> None:
+        """Change output settings at run time."""
+        self.predictor.set_output(**changes)
+        self.adapter.set_output(**changes)
+
+    def frame_from_messages(self, *args, **kwargs) -> Frame:
+        """Decode a matched set (see Pipeline.frame_from_messages)."""
+        return self.predictor.frame_from_messages(*args, **kwargs)
+
+    def predict(self, frame: Frame) -> FrameOutput:
+        """Label a frame with the newest adapted state handed over; adapt nothing."""
+        with self._exchange:
+            state, self._pending = self._pending, None
+        if state is not None:
+            self.predictor.load_prediction_state(state)
+            self.loaded += 1
+        return self.predictor.predict(frame)
+
+    def adapt(self, frame: Frame) -> dict:
+        """Adapt on a frame (the adapter's thread); hand the new state over; return stats."""
+        output = self.adapter.process(frame)
+        self._publish()
+        return output.stats
+
+    def _publish(self) -> None:
+        state = self.adapter.prediction_state()
+        with self._exchange:
+            self._pending = state
+            self.published += 1
+
+    def reset(self) -> None:
+        """Both sides back to the source model."""
+        self.adapter.reset()
+        with self._exchange:
+            self._pending = None
+        self.predictor.reset()
+
+    def reset_window(self) -> None:
+        """Forget the adapter's buffered frames."""
+        self.adapter.reset_window()
+
+    def save_state(self, path: PathLike) -> None:
+        """Write the adapter's state (the adapted one) atomically."""
+        self.adapter.save_state(path)
+
+    def load_state(self, path: PathLike) -> None:
+        """Restore an adapted state and hand it to the predictor."""
+        self.adapter.load_state(path)
+        self._publish()
+
+    @property
+    def method(self):
+        """Return the adapter's method (the adapted state lives there)."""
+        return self.adapter.method
+
+    @property
+    def device(self) -> torch.device:
+        """Return the device both sides run on."""
+        return self.adapter.device
