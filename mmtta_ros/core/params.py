@@ -56,6 +56,12 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               'for the next message (0: wait, exact for any stream)', 0.0, 0.9),
     ParamSpec('worker.process_every_pair', False, 'process every matched pair in order (a '
               'queue) instead of only the newest (replays, equivalence checks)', read_only=True),
+    ParamSpec('worker.split', True, 'label every pair at inference cost with the newest '
+              'adapted state and adapt on another thread (false: adapt then label each pair in '
+              'one step, the paper\'s protocol)', read_only=True),
+    ParamSpec('worker.adapt_every', 1, 'with worker.split: hand every N-th labeled frame to '
+              'the adapter (it adapts on the newest it was handed when it is free)', 1, 1000,
+              read_only=True),
     ParamSpec('worker.queue_size', 1000, 'pairs held for process_every_pair; beyond it the '
               'oldest are dropped and counted', 1, 100000, read_only=True),
     ParamSpec('max_image_pixels', MAX_IMAGE_PIXELS, 'a camera_info larger than this many '
@@ -286,6 +292,8 @@ class NodeParams:
     sync: SyncParams
     state: StateParams
     process_every_pair: bool = False
+    split: bool = True
+    adapt_every: int = 1
     worker_queue_size: int = 1000
     max_stamp_skew_s: float = 0.0
     max_image_pixels: int = MAX_IMAGE_PIXELS
@@ -351,6 +359,7 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
                           save_on_shutdown=v['state.save_on_shutdown'],
                           load_on_start=v['state.load_on_start']),
         process_every_pair=v['worker.process_every_pair'],
+        split=v['worker.split'], adapt_every=v['worker.adapt_every'],
         worker_queue_size=v['worker.queue_size'],
         max_stamp_skew_s=v['max_stamp_skew'],
         max_image_pixels=v['max_image_pixels'],
