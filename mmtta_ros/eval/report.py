@@ -107,7 +107,8 @@ def render_tables(results: Dict[str, Any]) -> str:
 
 
 _ROW_ORDER = {'source': 0, 'bn_stats': 1, 'bn_stats_prior': 2, 'bn_stats_ema': 3,
-              'bn_stats_fallback': 4, 'bn_stats_ema_fallback': 4.5, 'tent_ens': 5, 'xmuda_pl': 6, 'mmtta_paper': 7,
+              'bn_stats_fallback': 4, 'bn_stats_ema_fallback': 4.5, 'tent_ens': 5, 'xmuda_pl': 6,
+              'mmtta_paper': 7,
               'mmtta_0.9': 8, 'mmtta_0.9_fallback': 9, 'default': 10, 'oracle': 11}
 
 
