@@ -32,6 +32,7 @@ setup(
             'mmtta_evaluate = mmtta_ros.tools.evaluate:main',
             'mmtta_benchmark = mmtta_ros.tools.benchmark:main',
             'mmtta_adapt = mmtta_ros.ros.node:main',
+            'mmtta_adapt_lifecycle = mmtta_ros.ros.lifecycle:main',
             'mmtta_demo = mmtta_ros.tools.demo:main',
             'node_benchmark = mmtta_ros.tools.node_benchmark:main',
             'mmtta_make_demo_bag = mmtta_ros.tools.make_demo_bag:main',
