@@ -25,7 +25,8 @@ from diagnostic_msgs.msg import DiagnosticArray
 import rclpy
 from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException
-from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
+from rclpy.qos import (
+    HistoryPolicy, qos_profile_sensor_data, QoSProfile, ReliabilityPolicy)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 
@@ -42,6 +43,14 @@ from mmtta_ros.sensors.stamps import stamp_to_ns
 
 IMAGE, POINTS = 0, 1
 THROTTLE_S = 5.0
+
+
+def input_qos(reliable: bool, depth: int) -> QoSProfile:
+    """Return the inputs' QoS: sensor data (best effort, volatile) or reliable, keep last."""
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=depth,
+        reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+        durability=qos_profile_sensor_data.durability)
 
 
 class AdaptationShell:
@@ -77,13 +86,14 @@ class AdaptationShell:
     # --- activate / deactivate -----------------------------------------------------------
     def _start_io(self) -> None:
         """Subscribe, create the publishers and timers, start the worker thread."""
-        image_type = Image if self.params.pipeline.inputs.raw_image else CompressedImage
-        sensor = qos_profile_sensor_data
+        inputs = self.params.pipeline.inputs
+        image_type = Image if inputs.raw_image else CompressedImage
+        qos = input_qos(inputs.reliable, inputs.depth)
         self._subscriptions_io = [
-            self.create_subscription(image_type, '~/input/image', self._on_image, sensor),
+            self.create_subscription(image_type, '~/input/image', self._on_image, qos),
             self.create_subscription(CameraInfo, '~/input/camera_info', self._on_camera_info,
-                                     sensor),
-            self.create_subscription(PointCloud2, '~/input/points', self._on_points, sensor)]
+                                     qos),
+            self.create_subscription(PointCloud2, '~/input/points', self._on_points, qos)]
         reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
         self.cloud_pub = self.create_publisher(PointCloud2, '~/output/labeled_points', reliable)
         self.overlay_pub = self.create_publisher(Image, '~/output/overlay', reliable)
