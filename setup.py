@@ -37,6 +37,7 @@ setup(
             'node_benchmark = mmtta_ros.tools.node_benchmark:main',
             'mmtta_make_demo_bag = mmtta_ros.tools.make_demo_bag:main',
             'mmtta_play_bag = mmtta_ros.tools.play_bag:main',
+            'mmtta_bag_calibration = mmtta_ros.tools.bag_calibration:main',
             'mmtta_nuscenes_to_bag = mmtta_ros.tools.nuscenes_to_bag:main',
             'mmtta_fuzz_node = mmtta_ros.tools.fuzz_node:main',
         ],
