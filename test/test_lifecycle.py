@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 from mmtta_ros.core.checkpoint import save_model_checkpoint  # noqa: E402
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig  # noqa: E402
+from mmtta_ros.ros import lifecycle  # noqa: E402
 from mmtta_ros.ros.lifecycle import MMTTALifecycleNode  # noqa: E402
 from mmtta_ros.synth import generate_frames, SequenceConfig  # noqa: E402
 from test_node import cloud_msg, IMAGE_SIZE, image_msg, info_msg  # noqa: E402
@@ -119,8 +120,20 @@ def same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_configure_activate_deactivate_cleanup_over_dds(frames, source_checkpoint):
+def test_release_cached_memory_empties_the_cuda_cache_only_for_cuda(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: emptied.append(True))
+    lifecycle.release_cached_memory(torch.device('cpu'))
+    assert emptied == []
+    lifecycle.release_cached_memory(torch.device('cuda', 0))
+    assert emptied == [True]
+
+
+def test_configure_activate_deactivate_cleanup_over_dds(frames, source_checkpoint,
+                                                        monkeypatch):
     checkpoint, source = source_checkpoint
+    released = []
+    monkeypatch.setattr(lifecycle, 'release_cached_memory', released.append)
     h = LifecycleHarness(frames, **{'model.checkpoint': str(checkpoint)})
     try:
         # Unconfigured: no model, no subscriptions.
@@ -141,8 +154,10 @@ def test_configure_activate_deactivate_cleanup_over_dds(frames, source_checkpoin
         assert h.spin_until(lambda: pipeline.method.steps >= 3, 10.0)
 
         # deactivate: no subscriptions, no output, the adapted state kept as it was.
+        assert released == []
         assert h.transition(Transition.TRANSITION_DEACTIVATE)
         assert h.state() == State.PRIMARY_STATE_INACTIVE
+        assert released == [pipeline.device]  # cached GPU memory freed (a no-op on CPU)
         assert h.spin_until(lambda: not h.subscribed(), 10.0)
         steps, adapted = pipeline.method.steps, model_state(h.node)
         assert not same_state(adapted, source), 'three steps changed nothing'

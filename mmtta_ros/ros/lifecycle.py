@@ -66,6 +66,7 @@ class MMTTALifecycleNode(AdaptationShell, LifecycleNode):
             self.get_logger().error(f'configure failed: {self.configure_error}')
             self._unload()
             return FAILURE
+        self.configure_error = ''
         self.get_logger().info(f'configured: {self._ready_message()}')
         return SUCCESS
 
@@ -124,6 +125,14 @@ class MMTTALifecycleNode(AdaptationShell, LifecycleNode):
         self._deactivate()
         self._save_at_shutdown()
         self._cleanup()
+
+    def destroy_node(self) -> None:
+        """Destroy the node, and its lifecycle state machine now rather than at GC."""
+        super().destroy_node()
+        # rclpy's LifecycleNode leaves the state machine to the garbage collector, which
+        # may finalise it after the context is shut down or in a forked child (a
+        # multiprocessing pool): a segfault there (rclpy 9.1.2).
+        self._state_machine.destroy_when_not_in_use()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,9 +134,9 @@ class AdaptationShell:
 
     # --- parameters ----------------------------------------------------------------------
     def _apply_parameters(self, _parameters) -> None:
-        self.params = node_params(current_values(self))
         if self.pipeline is None:
-            return  # not configured: configure reads them all
+            return  # a lifecycle node not configured yet: configure reads them all
+        self.params = node_params(current_values(self))
         self.state.params = self.params.state
         sync = self.params.sync
         self.sync.configure(slop_ns=int(round(sync.slop_s * 1e9)),

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_calibration(T) -> str:
-    """The 4x4 transform as a -p argument and as config/adapt.yaml lines (row-major)."""
+    """Return the 4x4 transform as a -p argument and as config/adapt.yaml lines (row-major)."""
     numbers = ', '.join(repr(float(v)) for v in T.reshape(-1))
     return (f'-p "{PARAMETER}:=[{numbers}]"\n'
             f'# config/adapt.yaml:\n'
