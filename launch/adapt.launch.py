@@ -16,7 +16,8 @@ OVERRIDES = {
 }
 
 
-def _adapt_node(context):
+def node_settings(context):
+    """Return the node's parameters and remappings from the launch arguments."""
     overrides = {'use_sim_time': LaunchConfiguration('use_sim_time').perform(context) == 'true'}
     for argument, (parameter, kind) in OVERRIDES.items():
         value = LaunchConfiguration(argument).perform(context)
@@ -27,10 +28,13 @@ def _adapt_node(context):
         ('~/input/camera_info', LaunchConfiguration('camera_info_topic').perform(context)),
         ('~/input/points', LaunchConfiguration('points_topic').perform(context)),
     ]
-    return [Node(
-        package='mmtta_ros', executable='mmtta_adapt', name='mmtta_adapt', output='screen',
-        parameters=[LaunchConfiguration('params_file').perform(context), overrides],
-        remappings=remappings, emulate_tty=True)]
+    return {'parameters': [LaunchConfiguration('params_file').perform(context), overrides],
+            'remappings': remappings}
+
+
+def _adapt_node(context):
+    return [Node(package='mmtta_ros', executable='mmtta_adapt', name='mmtta_adapt',
+                 output='screen', emulate_tty=True, **node_settings(context))]
 
 
 def _rviz(context):
@@ -55,10 +59,10 @@ def _share():
         return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def generate_launch_description():
-    """Describe the arguments, the node and RViz."""
+def launch_arguments():
+    """Declare the launch arguments (shared with adapt_lifecycle.launch.py)."""
     share = _share()
-    return LaunchDescription([
+    return [
         DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config',
                                                                         'adapt.yaml'),
                               description='YAML with the node parameters'),
@@ -74,6 +78,12 @@ def generate_launch_description():
         DeclareLaunchArgument('camera_info_topic', default_value='/CAM_FRONT/camera_info'),
         DeclareLaunchArgument('points_topic', default_value='/LIDAR_TOP'),
         DeclareLaunchArgument('rviz', default_value='false', description='start RViz too'),
+    ]
+
+
+def generate_launch_description():
+    """Describe the arguments, the node and RViz."""
+    return LaunchDescription(launch_arguments() + [
         OpaqueFunction(function=_adapt_node),
         OpaqueFunction(function=_rviz),
     ])

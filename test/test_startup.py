@@ -111,3 +111,14 @@ def test_an_integer_literal_for_a_float_parameter_starts_the_node(tmp_path):
             process.kill()
     assert process.returncode == 0, ''.join(lines) + output
     assert 'Traceback' not in ''.join(lines) + output
+
+
+def test_lifecycle_node_activate_with_a_bad_checkpoint_ends_in_one_fatal_line(tmp_path):
+    pytest.importorskip('lifecycle_msgs', reason='lifecycle_msgs not installed')
+    command = [sys.executable, '-m', 'mmtta_ros.ros.lifecycle', '--activate', '--ros-args',
+               '-p', 'device:=cpu', '-p', f'model.checkpoint:={tmp_path / "none.pt"}']
+    process = subprocess.run(command, env=environment(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=120)
+    fatal = [line for line in process.stdout.splitlines() if '[FATAL]' in line]
+    assert process.returncode == 2 and len(fatal) == 1, process.stdout
+    assert 'none.pt' in fatal[0] and 'Traceback' not in process.stdout

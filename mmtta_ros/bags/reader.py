@@ -17,8 +17,8 @@ import numpy as np
 from rosbags.rosbag2 import Reader
 
 from mmtta_ros.bags.topics import (
-    BagTopics, bag_typestore, CLOUD_TYPE, LABELED_POINTS_TOPIC, RAW_IMAGE_TYPE,
-    stamp_to_ns)
+    BagTopics, bag_typestore, CAMERA_FRAME, CLOUD_TYPE, LABELED_POINTS_TOPIC, LIDAR_FRAME,
+    RAW_IMAGE_TYPE, stamp_to_ns)
 from mmtta_ros.bags.transforms import build_tree, lookup_transform, TransformTree
 from mmtta_ros.core.builder import build_synchronizer
 from mmtta_ros.core.decode import frame_from_messages
@@ -157,20 +157,7 @@ class BagFrameReader:
             self.stats.unpaired_sweeps = self.stats.sweeps - pairing.stats.matched[POINTS]
 
     def _read_transforms(self, bag) -> TransformTree:
-        """Read the sensor mounts: /tf in the bag's first second, then /tf_static over it."""
-        typestore = bag_typestore()
-
-        def read(topic: str, stop: Optional[int] = None):
-            connections = [c for c in bag.connections if c.topic == topic]
-            if not connections:
-                return []
-            return [typestore.deserialize_cdr(raw, c.msgtype)
-                    for c, _, raw in bag.messages(connections=connections, stop=stop)]
-
-        # Both are small: one pass over their connections before the sensors. Static
-        # transforms win over /tf, whose mounts some converters repeat every tick.
-        return build_tree(read(self.topics.tf, stop=bag.start_time + 1_000_000_000)
-                          + read(self.topics.tf_static))
+        return transform_tree(bag, self.topics)
 
     def _build(self, pairs: List[MatchedSet], infos: '_RecentByStamp',
                labels: '_RecentByStamp', tree) -> Iterator[Frame]:
@@ -242,6 +229,48 @@ class _RecentByStamp:
             return self._items.get(stamp_ns)
         # Camera intrinsics are fixed: any recent camera_info describes the image.
         return self._items[min(self._items, key=lambda s: abs(s - stamp_ns))]
+
+
+def transform_tree(bag, topics: BagTopics = BagTopics()) -> TransformTree:
+    """Read the sensor mounts of an open bag: /tf in its first second, then /tf_static over it."""
+    typestore = bag_typestore()
+
+    def read(topic: str, stop: Optional[int] = None):
+        connections = [c for c in bag.connections if c.topic == topic]
+        if not connections:
+            return []
+        return [typestore.deserialize_cdr(raw, c.msgtype)
+                for c, _, raw in bag.messages(connections=connections, stop=stop)]
+
+    # Both are small: one pass over their connections before the sensors. Static
+    # transforms win over /tf, whose mounts some converters repeat every tick.
+    return build_tree(read(topics.tf, stop=bag.start_time + 1_000_000_000)
+                      + read(topics.tf_static))
+
+
+def bag_calibration(path: PathLike, camera_frame: str = CAMERA_FRAME,
+                    lidar_frame: str = LIDAR_FRAME,
+                    topics: BagTopics = BagTopics()) -> np.ndarray:
+    """
+    T_cam_from_lidar <np.float64: 4, 4> of a bag, from its /tf_static (and /tf), as the reader.
+
+    FileNotFoundError: no bag there; SensorDataError: no transforms, or the two frames are
+    not connected (the message names the frames the bag has).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f'no bag at {path}')
+    try:
+        with Reader(path) as bag:
+            tree = transform_tree(bag, topics)
+    except FileNotFoundError as error:  # rosbags: a folder without metadata.yaml
+        raise FileNotFoundError(f'{path} is not a rosbag2 bag ({error})') from None
+    if not tree:
+        raise SensorDataError(f'{path} has no transforms on {topics.tf_static} or {topics.tf}')
+    try:
+        return lookup_transform(tree, camera_frame, lidar_frame)
+    except SensorDataError as error:
+        raise SensorDataError(f'{error} in {path}') from None
 
 
 def read_frames(path: PathLike, **kwargs) -> Iterator[Frame]:

@@ -526,6 +526,11 @@ class Mailbox:
             self._closed = True
             self._cond.notify_all()
 
+    def reopen(self) -> None:
+        """Let take() wait again after close() (a lifecycle node activated again)."""
+        with self._cond:
+            self._closed = False
+
     @property
     def pending(self) -> int:
         """Return the number of items waiting to be taken."""

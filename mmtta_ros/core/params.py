@@ -45,6 +45,11 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('image_transport', 'compressed', 'camera input type: compressed '
               '(sensor_msgs/CompressedImage, jpeg/png) or raw (sensor_msgs/Image)',
               choices=('compressed', 'raw'), read_only=True),
+    ParamSpec('inputs.reliable', False, 'subscribe the image, camera_info and points '
+              'reliable (lossless from a reliable publisher: a recorder, a player with '
+              '--reliable) instead of sensor-data best effort', read_only=True),
+    ParamSpec('inputs.depth', 5, 'messages kept per input subscription (keep last)', 1, 1000,
+              read_only=True),
     ParamSpec('sync.slop', 0.05, 'largest stamp difference (s) between a LiDAR sweep and the '
               'image it is paired with', 0.001, 1.0),
     ParamSpec('sync.queue_size', 10, 'messages kept per input while waiting for a match', 1, 100,
@@ -252,6 +257,8 @@ class InputParams:
 
     raw_image: bool = False
     T_cam_from_lidar: Optional[np.ndarray] = None  # <float64: 4, 4>, None: not given
+    reliable: bool = False  # subscription QoS: reliable, else best effort
+    depth: int = 5          # subscription QoS: keep last this many
 
 
 @dataclass(frozen=True)
@@ -349,7 +356,8 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
             patience=v['reset.patience']),
         output=output_params(v),
         inputs=InputParams(raw_image=v['image_transport'] == 'raw',
-                           T_cam_from_lidar=None if T == [0.0] else parse_extrinsics(T)))
+                           T_cam_from_lidar=None if T == [0.0] else parse_extrinsics(T),
+                           reliable=v['inputs.reliable'], depth=v['inputs.depth']))
     return NodeParams(
         pipeline=pipeline,
         sync=SyncParams(slop_s=v['sync.slop'], queue_size=v['sync.queue_size'],

@@ -1,42 +1,24 @@
 """
 mmtta_adapt: the ROS 2 node. A thin shell: declare -> build -> pair -> worker -> publish.
 
-Inputs (sensor-data QoS): ~/input/image (CompressedImage or Image), ~/input/camera_info,
-~/input/points (PointCloud2). Outputs (reliable): ~/output/labeled_points, ~/output/overlay,
-/diagnostics. Services: ~/reset, ~/save_state (std_srvs/Trigger). Parameters: the table
-in `mmtta_ros.core.params` (and config/adapt.yaml). Everything between a matched pair and
+Inputs (sensor-data QoS, or reliable with `inputs.reliable`): ~/input/image
+(CompressedImage or Image), ~/input/camera_info, ~/input/points (PointCloud2). Outputs
+(reliable): ~/output/labeled_points, ~/output/overlay, /diagnostics. Services: ~/reset,
+~/save_state (std_srvs/Trigger). Parameters: the table in `mmtta_ros.core.params` (and
+config/adapt.yaml). Everything between a matched pair and
 the arrays to publish is `core.pipeline.Pipeline`, built by `core.builder`, as offline.
+The loop around it is `ros.shell.AdaptationShell`, shared with the lifecycle node
+(`ros.lifecycle`), which does the same in steps.
 """
 
-import threading
-import time
-import traceback
-
-from diagnostic_msgs.msg import DiagnosticArray
-import rclpy
-from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
-from std_srvs.srv import Trigger
 
-from mmtta_ros.core.builder import build_pipeline, build_synchronizer
-from mmtta_ros.core.errors import SensorDataError
-from mmtta_ros.core.pairing import Mailbox, TimeJump
-from mmtta_ros.core.params import NODE_NAME, node_params, output_params
-from mmtta_ros.core.state import StateKeeper
-from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
-from mmtta_ros.ros.messages import cloud_message, image_message
-from mmtta_ros.ros.params import check_changes, current_values, declare_parameters
-from mmtta_ros.sensors.image import camera_info_to_intrinsics
-from mmtta_ros.sensors.stamps import stamp_to_ns
-
-IMAGE, POINTS = 0, 1
-THROTTLE_S = 5.0
+from mmtta_ros.core.params import NODE_NAME
+from mmtta_ros.ros.params import check_changes, declare_parameters
+from mmtta_ros.ros.shell import AdaptationShell, spin_node
 
 
-class MMTTANode(Node):
+class MMTTANode(AdaptationShell, Node):
     """Online test-time adaptation of a camera+LiDAR segmenter, publishing labeled clouds."""
 
     def __init__(self, **kwargs):
@@ -44,229 +26,19 @@ class MMTTANode(Node):
         self.params = declare_parameters(self)
         self.add_on_set_parameters_callback(check_changes)
         self.add_post_set_parameters_callback(self._apply_parameters)
-        self.pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
-        self.state = StateKeeper(self.pipeline, self.params.state)
-        resumed = self.state.resume(warn=self.get_logger().warning)
-        if resumed:
-            self.get_logger().info(resumed)
-        self.sync = build_synchronizer(self.params.sync)
-        self.mailbox = Mailbox(self.params.worker_queue_size if self.params.process_every_pair
-                               else 1)
-        self.diagnostics = NodeDiagnostics()
-        self._camera_info = None
-
-        image_type = Image if self.params.pipeline.inputs.raw_image else CompressedImage
-        sensor = qos_profile_sensor_data
-        self.create_subscription(image_type, '~/input/image', self._on_image, sensor)
-        self.create_subscription(CameraInfo, '~/input/camera_info', self._on_camera_info, sensor)
-        self.create_subscription(PointCloud2, '~/input/points', self._on_points, sensor)
-        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-        self.cloud_pub = self.create_publisher(PointCloud2, '~/output/labeled_points', reliable)
-        self.overlay_pub = self.create_publisher(Image, '~/output/overlay', reliable)
-        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.create_service(Trigger, '~/reset', self._on_reset)
-        self.create_service(Trigger, '~/save_state', self._on_save_state)
-        # Wall time: a monitor must see stopped inputs even when /clock stops too.
-        wall = Clock(clock_type=ClockType.STEADY_TIME)
-        self.create_timer(self.params.diagnostics_period_s, self._publish_diagnostics,
-                          clock=wall)
-        self.create_timer(1.0, self._maybe_periodic_save, clock=wall)
-
-        self._running = True
-        self._worker = threading.Thread(target=self._work, name='mmtta_worker', daemon=True)
-        self._worker.start()
-        model = self.params.pipeline.model
-        self.get_logger().info(
-            f'ready: {self.pipeline.method_name} on {self.pipeline.device}, '
-            f'{model.checkpoint or "random " + model.size + " model"}, images resized to '
-            f'{model.image_size[0]}x{model.image_size[1]}')
-
-    def _apply_parameters(self, _parameters) -> None:
-        self.params = node_params(current_values(self))
-        self.state.params = self.params.state
-        sync = self.params.sync
-        self.sync.configure(slop_ns=int(round(sync.slop_s * 1e9)),
-                            clock_jump_ns=int(round(sync.time_jump_s * 1e9)),
-                            period_fraction=sync.period_fraction)
-        output = output_params(current_values(self))
-        self.pipeline.set_output(include_out_of_view=output.include_out_of_view,
-                                 publish_overlay=output.publish_overlay)
-
-    # --- callbacks (small: count, hand over, return) -------------------------------------
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self.diagnostics.received('camera_info')
-        try:
-            camera_info_to_intrinsics(msg, max_pixels=self.params.max_image_pixels)
-        except SensorDataError as error:  # keep the last good one
-            self.diagnostics.count('rejected_camera_info')
-            self.get_logger().warning(f'rejected camera_info: {error}',
-                                      throttle_duration_sec=THROTTLE_S)
-            return
-        self._camera_info = msg
-        self.diagnostics.count('camera_info_accepted')
-
-    def _on_image(self, msg) -> None:
-        self.diagnostics.received('image')
-        self._add(IMAGE, msg)
-
-    def _on_points(self, msg: PointCloud2) -> None:
-        self.diagnostics.received('points')
-        self._add(POINTS, msg)
-
-    def _add(self, index: int, msg) -> None:
-        try:
-            events = self.sync.add(index, stamp_to_ns(msg.header.stamp), msg)
-        except SensorDataError as error:
-            self.diagnostics.count('rejected_messages')
-            self.get_logger().warning(f'rejected input: {error}',
-                                      throttle_duration_sec=THROTTLE_S)
-            return
-        for event in events:
-            if isinstance(event, TimeJump):
-                self._on_time_jump(event)
-            else:
-                self.mailbox.put((event, time.monotonic()), order=event.seq)
-
-    def _on_time_jump(self, event: TimeJump) -> None:
-        self.diagnostics.time_jump()
-        self.mailbox.clear()
-        message = (f'time jumped back by {event.jump_ns / 1e9:.2f} s (looping bag?): '
-                   'sync queues cleared')
-        if self.params.reset_on_time_jump:
-            self.pipeline.reset()
-            self.diagnostics.count('resets')
-            message += ', adaptation reset to the source model'
-        else:
-            self.pipeline.reset_window()
-        self.get_logger().warning(message, throttle_duration_sec=THROTTLE_S)
-
-    # --- the worker: matched pair -> pipeline -> publish ---------------------------------
-    def _work(self) -> None:
-        while self._running:
-            item = self.mailbox.take(timeout=0.1)
-            if item is None:
-                continue
-            self.diagnostics.pair_taken()
-            pair, complete_at = item
-            image_msg, cloud_msg = pair.messages[IMAGE], pair.messages[POINTS]
-            if not self._stamp_acceptable(cloud_msg):
-                self.diagnostics.pair_done('rejected_stamp_skew')
-                continue
-            try:
-                output = self.pipeline.process_messages(
-                    image_msg, self._camera_info, cloud_msg)
-            except SensorDataError as error:
-                self.diagnostics.pair_done('rejected_frames')
-                self.get_logger().warning(f'rejected input: {error}',
-                                          throttle_duration_sec=THROTTLE_S)
-                continue
-            except Exception:  # noqa: B902 - one failed step must not stop the node for good
-                self.diagnostics.pair_done('step_failures')
-                self.get_logger().error('adaptation step failed; frame skipped:\n'
-                                        + traceback.format_exc(),
-                                        throttle_duration_sec=THROTTLE_S)
-                continue
-            if not self._running or not self.context.ok():
-                # Ctrl-C arrived during the step: nothing to publish on any more.
-                self.diagnostics.pair_done('pairs_abandoned')
-                break
-            self.cloud_pub.publish(cloud_message(output.cloud, cloud_msg.header))
-            if output.overlay is not None:
-                self.overlay_pub.publish(image_message(output.overlay, image_msg.header))
-            self.diagnostics.frame_done(time.monotonic() - complete_at, output.step_seconds,
-                                        output.stats)
-
-    def _stamp_acceptable(self, cloud_msg) -> bool:
-        limit = self.params.max_stamp_skew_s
-        if limit <= 0:
-            return True
-        skew = (stamp_to_ns(cloud_msg.header.stamp) - self.get_clock().now().nanoseconds) / 1e9
-        if abs(skew) <= limit:
-            return True
-        self.get_logger().warning(
-            f'rejected a frame stamped {skew:+.1f} s from the node clock (max_stamp_skew '
-            f'{limit} s; replaying a bag? set use_sim_time)', throttle_duration_sec=THROTTLE_S)
-        return False
-
-    # --- services, state, diagnostics ----------------------------------------------------
-    def _on_reset(self, request, response):
-        self.pipeline.reset()
-        self.diagnostics.count('resets')
-        response.success, response.message = True, 'adaptation reset to the source model'
-        self.get_logger().info(response.message)
-        return response
-
-    def save_state(self) -> str:
-        """Save the adapted state atomically to state.save_path; return a message."""
-        try:
-            message = self.state.save()
-        except (OSError, ValueError, RuntimeError):
-            self.diagnostics.count('save_failures')
-            raise
-        self.diagnostics.count('saves')
-        return message
-
-    def _on_save_state(self, request, response):
-        try:
-            response.message, response.success = self.save_state(), True
-        except (OSError, ValueError, RuntimeError) as error:
-            response.success, response.message = False, f'save failed: {error}'
-        self.get_logger().info(response.message)
-        return response
-
-    def _maybe_periodic_save(self) -> None:
-        if self.state.periodic_save_due():
-            try:
-                self.save_state()
-            except (OSError, ValueError, RuntimeError) as error:
-                self.get_logger().error(f'periodic save failed: {error}',
-                                        throttle_duration_sec=60.0)
-
-    def diagnostics_values(self) -> dict:
-        """Return the figures /diagnostics reports (rates in Hz, times in ms, counters)."""
-        extra = {f'sync_{key}': value for key, value in self.sync.stats.as_dict().items()}
-        extra.update(pairs_dropped_stale=self.mailbox.dropped, pairs_pending=self.mailbox.pending)
-        return self.diagnostics.values(extra)
-
-    def _publish_diagnostics(self) -> None:
-        self.diagnostics_pub.publish(diagnostic_array(
-            self.diagnostics_values(), self.get_clock().now().to_msg(),
-            method=self.pipeline.method_name, worker_alive=self._worker.is_alive()))
+        self._load()
+        self._start_io()
+        self.get_logger().info(f'ready: {self._ready_message()}')
 
     def shutdown(self) -> None:
         """Stop the worker (its last step publishes nothing); save the state if configured."""
-        self._running = False
-        self.mailbox.close()
-        self._worker.join(timeout=60.0)
-        if self._worker.is_alive():
-            self.get_logger().warning('the worker is still in a step after 60 s')
-        if self.state.save_at_shutdown:
-            try:
-                self.get_logger().info(self.save_state())
-            except (OSError, ValueError, RuntimeError) as error:
-                self.get_logger().error(f'could not save the adapted state: {error}')
+        self._stop_worker()
+        self._save_at_shutdown()
 
 
 def main(args=None) -> int:
     """Run the node until Ctrl-C or shutdown; a bad start-up ends in one FATAL line, exit 2."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = MMTTANode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, OSError, RuntimeError) as error:  # bad config / files: say why
-        # One line: a monitor greps it, and a multi-line message reads like a traceback.
-        reason = '; '.join(line.strip() for line in str(error).splitlines() if line.strip())
-        rclpy.logging.get_logger(NODE_NAME).fatal(reason or type(error).__name__)
-        return 2
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(MMTTANode, args)
 
 
 if __name__ == '__main__':

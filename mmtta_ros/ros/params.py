@@ -39,6 +39,12 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
 
 def declare_parameters(node: Node) -> NodeParams:
     """Declare every parameter on `node`; return them typed (ValueError lists problems)."""
+    declare_table(node)
+    return node_params(current_values(node))
+
+
+def declare_table(node: Node) -> None:
+    """Declare every parameter on `node` (ValueError: a start value rclpy refuses)."""
     for spec in PARAMETERS:
         # rclpy checks a start value (-p, params file) against the descriptor itself and
         # raises its own exceptions: made a ValueError, so main() ends in one FATAL line.
@@ -50,7 +56,6 @@ def declare_parameters(node: Node) -> NodeParams:
         except InvalidParameterValueException:
             raise ValueError(f'invalid parameters: {spec.name} must be in '
                              f'[{spec.low}, {spec.high}]') from None
-    return node_params(current_values(node))
 
 
 def _kind(default: Any) -> str:

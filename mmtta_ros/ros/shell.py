@@ -1,0 +1,327 @@
+"""
+What the plain and the lifecycle node share: inputs -> pairing -> worker -> publish.
+
+`AdaptationShell` is a mixin for an rclpy `Node` (or `LifecycleNode`) that holds typed
+`self.params`. It is split where a lifecycle node splits its life:
+
+- `_load()`: build the pipeline (loads the model), resume a saved state, create the
+  pairing, the diagnostics and the ~/reset, ~/save_state services (configure);
+- `_start_io()`: subscriptions, publishers, timers and the worker thread (activate);
+- `_stop_worker()` / `_drop_io()`: stop the worker; destroy what `_start_io` made and
+  forget half-paired messages (deactivate);
+- `_unload()`: drop the services and the pipeline (cleanup).
+
+The plain node calls `_load` and `_start_io` in its constructor and `_stop_worker` at
+shutdown, as it always did; everything between a matched pair and the arrays to publish
+is `core.pipeline.Pipeline`.
+"""
+
+import threading
+import time
+import traceback
+from typing import Any, Optional
+
+from diagnostic_msgs.msg import DiagnosticArray
+import rclpy
+from rclpy.clock import Clock, ClockType
+from rclpy.executors import ExternalShutdownException
+from rclpy.qos import (
+    HistoryPolicy, qos_profile_sensor_data, QoSProfile, ReliabilityPolicy)
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_srvs.srv import Trigger
+
+from mmtta_ros.core.builder import build_pipeline, build_synchronizer
+from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.pairing import Mailbox, TimeJump
+from mmtta_ros.core.params import NODE_NAME, node_params, output_params
+from mmtta_ros.core.state import StateKeeper
+from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
+from mmtta_ros.ros.messages import cloud_message, image_message
+from mmtta_ros.ros.params import current_values
+from mmtta_ros.sensors.image import camera_info_to_intrinsics
+from mmtta_ros.sensors.stamps import stamp_to_ns
+
+IMAGE, POINTS = 0, 1
+THROTTLE_S = 5.0
+
+
+def input_qos(reliable: bool, depth: int) -> QoSProfile:
+    """Return the inputs' QoS: sensor data (best effort, volatile) or reliable, keep last."""
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=depth,
+        reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+        durability=qos_profile_sensor_data.durability)
+
+
+class AdaptationShell:
+    """Mixin: the subscribe -> pair -> worker -> publish loop around one pipeline."""
+
+    pipeline: Any = None
+    _worker: Optional[threading.Thread] = None
+
+    # --- configure / cleanup -------------------------------------------------------------
+    def _load(self) -> None:
+        """Build the pipeline from self.params, resume a saved state, create the services."""
+        self.pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
+        self.state = StateKeeper(self.pipeline, self.params.state)
+        resumed = self.state.resume(warn=self.get_logger().warning)
+        if resumed:
+            self.get_logger().info(resumed)
+        self.sync = build_synchronizer(self.params.sync)
+        self.mailbox = Mailbox(self.params.worker_queue_size if self.params.process_every_pair
+                               else 1)
+        self.diagnostics = NodeDiagnostics()
+        self._camera_info = None
+        self._shell_services = [self.create_service(Trigger, '~/reset', self._on_reset),
+                                self.create_service(Trigger, '~/save_state',
+                                                    self._on_save_state)]
+
+    def _unload(self) -> None:
+        """Destroy the services and drop the pipeline (the adapted state goes with it)."""
+        for service in getattr(self, '_shell_services', []):
+            self.destroy_service(service)
+        self._shell_services = []
+        self.pipeline = self.state = None
+
+    # --- activate / deactivate -----------------------------------------------------------
+    def _start_io(self) -> None:
+        """Subscribe, create the publishers and timers, start the worker thread."""
+        inputs = self.params.pipeline.inputs
+        image_type = Image if inputs.raw_image else CompressedImage
+        qos = input_qos(inputs.reliable, inputs.depth)
+        self._subscriptions_io = [
+            self.create_subscription(image_type, '~/input/image', self._on_image, qos),
+            self.create_subscription(CameraInfo, '~/input/camera_info', self._on_camera_info,
+                                     qos),
+            self.create_subscription(PointCloud2, '~/input/points', self._on_points, qos)]
+        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        self.cloud_pub = self.create_publisher(PointCloud2, '~/output/labeled_points', reliable)
+        self.overlay_pub = self.create_publisher(Image, '~/output/overlay', reliable)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        # Wall time: a monitor must see stopped inputs even when /clock stops too.
+        wall = Clock(clock_type=ClockType.STEADY_TIME)
+        self._timers_io = [
+            self.create_timer(self.params.diagnostics_period_s, self._publish_diagnostics,
+                              clock=wall),
+            self.create_timer(1.0, self._maybe_periodic_save, clock=wall)]
+        self.mailbox.reopen()
+        self._running = True
+        self._worker = threading.Thread(target=self._work, name='mmtta_worker', daemon=True)
+        self._worker.start()
+
+    def _stop_worker(self) -> None:
+        """Stop the worker thread; a step under way finishes and publishes nothing."""
+        self._running = False
+        if self._worker is None:
+            return
+        self.mailbox.close()
+        self._worker.join(timeout=60.0)
+        if self._worker.is_alive():
+            self.get_logger().warning('the worker is still in a step after 60 s')
+
+    def _drop_io(self) -> None:
+        """Destroy the subscriptions, publishers and timers; forget half-paired messages."""
+        for timer in self._timers_io:
+            self.destroy_timer(timer)
+        for subscription in self._subscriptions_io:
+            self.destroy_subscription(subscription)
+        for publisher in (self.cloud_pub, self.overlay_pub, self.diagnostics_pub):
+            self.destroy_publisher(publisher)
+        self._timers_io, self._subscriptions_io = [], []
+        # Counted (sync_dropped_reset, pairs_dropped_stale): the books still close.
+        self.sync.reset()
+        self.mailbox.clear()
+
+    # --- parameters ----------------------------------------------------------------------
+    def _apply_parameters(self, _parameters) -> None:
+        if self.pipeline is None:
+            return  # a lifecycle node not configured yet: configure reads them all
+        self.params = node_params(current_values(self))
+        self.state.params = self.params.state
+        sync = self.params.sync
+        self.sync.configure(slop_ns=int(round(sync.slop_s * 1e9)),
+                            clock_jump_ns=int(round(sync.time_jump_s * 1e9)),
+                            period_fraction=sync.period_fraction)
+        output = output_params(current_values(self))
+        self.pipeline.set_output(include_out_of_view=output.include_out_of_view,
+                                 publish_overlay=output.publish_overlay)
+
+    # --- callbacks (small: count, hand over, return) -------------------------------------
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self.diagnostics.received('camera_info')
+        try:
+            camera_info_to_intrinsics(msg, max_pixels=self.params.max_image_pixels)
+        except SensorDataError as error:  # keep the last good one
+            self.diagnostics.count('rejected_camera_info')
+            self.get_logger().warning(f'rejected camera_info: {error}',
+                                      throttle_duration_sec=THROTTLE_S)
+            return
+        self._camera_info = msg
+        self.diagnostics.count('camera_info_accepted')
+
+    def _on_image(self, msg) -> None:
+        self.diagnostics.received('image')
+        self._add(IMAGE, msg)
+
+    def _on_points(self, msg: PointCloud2) -> None:
+        self.diagnostics.received('points')
+        self._add(POINTS, msg)
+
+    def _add(self, index: int, msg) -> None:
+        try:
+            events = self.sync.add(index, stamp_to_ns(msg.header.stamp), msg)
+        except SensorDataError as error:
+            self.diagnostics.count('rejected_messages')
+            self.get_logger().warning(f'rejected input: {error}',
+                                      throttle_duration_sec=THROTTLE_S)
+            return
+        for event in events:
+            if isinstance(event, TimeJump):
+                self._on_time_jump(event)
+            else:
+                self.mailbox.put((event, time.monotonic()), order=event.seq)
+
+    def _on_time_jump(self, event: TimeJump) -> None:
+        self.diagnostics.time_jump()
+        self.mailbox.clear()
+        message = (f'time jumped back by {event.jump_ns / 1e9:.2f} s (looping bag?): '
+                   'sync queues cleared')
+        if self.params.reset_on_time_jump:
+            self.pipeline.reset()
+            self.diagnostics.count('resets')
+            message += ', adaptation reset to the source model'
+        else:
+            self.pipeline.reset_window()
+        self.get_logger().warning(message, throttle_duration_sec=THROTTLE_S)
+
+    # --- the worker: matched pair -> pipeline -> publish ---------------------------------
+    def _work(self) -> None:
+        while self._running:
+            item = self.mailbox.take(timeout=0.1)
+            if item is None:
+                continue
+            self.diagnostics.pair_taken()
+            pair, complete_at = item
+            image_msg, cloud_msg = pair.messages[IMAGE], pair.messages[POINTS]
+            if not self._stamp_acceptable(cloud_msg):
+                self.diagnostics.pair_done('rejected_stamp_skew')
+                continue
+            try:
+                output = self.pipeline.process_messages(
+                    image_msg, self._camera_info, cloud_msg)
+            except SensorDataError as error:
+                self.diagnostics.pair_done('rejected_frames')
+                self.get_logger().warning(f'rejected input: {error}',
+                                          throttle_duration_sec=THROTTLE_S)
+                continue
+            except Exception:  # noqa: B902 - one failed step must not stop the node for good
+                self.diagnostics.pair_done('step_failures')
+                self.get_logger().error('adaptation step failed; frame skipped:\n'
+                                        + traceback.format_exc(),
+                                        throttle_duration_sec=THROTTLE_S)
+                continue
+            if not self._running or not self.context.ok():
+                # Ctrl-C (or deactivate) during the step: nothing to publish on any more.
+                self.diagnostics.pair_done('pairs_abandoned')
+                break
+            self.cloud_pub.publish(cloud_message(output.cloud, cloud_msg.header))
+            if output.overlay is not None:
+                self.overlay_pub.publish(image_message(output.overlay, image_msg.header))
+            self.diagnostics.frame_done(time.monotonic() - complete_at, output.step_seconds,
+                                        output.stats)
+
+    def _stamp_acceptable(self, cloud_msg) -> bool:
+        limit = self.params.max_stamp_skew_s
+        if limit <= 0:
+            return True
+        skew = (stamp_to_ns(cloud_msg.header.stamp) - self.get_clock().now().nanoseconds) / 1e9
+        if abs(skew) <= limit:
+            return True
+        self.get_logger().warning(
+            f'rejected a frame stamped {skew:+.1f} s from the node clock (max_stamp_skew '
+            f'{limit} s; replaying a bag? set use_sim_time)', throttle_duration_sec=THROTTLE_S)
+        return False
+
+    # --- services, state, diagnostics ----------------------------------------------------
+    def _on_reset(self, request, response):
+        self.pipeline.reset()
+        self.diagnostics.count('resets')
+        response.success, response.message = True, 'adaptation reset to the source model'
+        self.get_logger().info(response.message)
+        return response
+
+    def save_state(self) -> str:
+        """Save the adapted state atomically to state.save_path; return a message."""
+        try:
+            message = self.state.save()
+        except (OSError, ValueError, RuntimeError):
+            self.diagnostics.count('save_failures')
+            raise
+        self.diagnostics.count('saves')
+        return message
+
+    def _on_save_state(self, request, response):
+        try:
+            response.message, response.success = self.save_state(), True
+        except (OSError, ValueError, RuntimeError) as error:
+            response.success, response.message = False, f'save failed: {error}'
+        self.get_logger().info(response.message)
+        return response
+
+    def _maybe_periodic_save(self) -> None:
+        if self.state.periodic_save_due():
+            try:
+                self.save_state()
+            except (OSError, ValueError, RuntimeError) as error:
+                self.get_logger().error(f'periodic save failed: {error}',
+                                        throttle_duration_sec=60.0)
+
+    def _save_at_shutdown(self) -> None:
+        if self.state is not None and self.state.save_at_shutdown:
+            try:
+                self.get_logger().info(self.save_state())
+            except (OSError, ValueError, RuntimeError) as error:
+                self.get_logger().error(f'could not save the adapted state: {error}')
+
+    def diagnostics_values(self) -> dict:
+        """Return the figures /diagnostics reports (rates in Hz, times in ms, counters)."""
+        extra = {f'sync_{key}': value for key, value in self.sync.stats.as_dict().items()}
+        extra.update(pairs_dropped_stale=self.mailbox.dropped, pairs_pending=self.mailbox.pending)
+        return self.diagnostics.values(extra)
+
+    def _publish_diagnostics(self) -> None:
+        self.diagnostics_pub.publish(diagnostic_array(
+            self.diagnostics_values(), self.get_clock().now().to_msg(),
+            method=self.pipeline.method_name, worker_alive=self._worker.is_alive()))
+
+    def _ready_message(self) -> str:
+        model = self.params.pipeline.model
+        return (f'{self.pipeline.method_name} on {self.pipeline.device}, '
+                f'{model.checkpoint or "random " + model.size + " model"}, images resized to '
+                f'{model.image_size[0]}x{model.image_size[1]}')
+
+
+def fatal_reason(error: BaseException) -> str:
+    """Return an error as one line: a monitor greps it, and many lines read like a traceback."""
+    reason = '; '.join(line.strip() for line in str(error).splitlines() if line.strip())
+    return reason or type(error).__name__
+
+
+def spin_node(make_node, args=None) -> int:
+    """Create a node with make_node() and spin it until Ctrl-C; bad start-up: FATAL, exit 2."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = make_node()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, OSError, RuntimeError) as error:  # bad config / files: say why
+        rclpy.logging.get_logger(NODE_NAME).fatal(fatal_reason(error))
+        return 2
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
