@@ -134,7 +134,9 @@ def test_the_node_over_dds_labels_what_the_offline_scorer_labels(
     report = run_live(method, checkpoint, bag, tmp_path, rate=0.25, env=env, pictures=False,
                       parameters={'model.image_width': 160, 'model.image_height': 90,
                                   'device': 'cpu', 'threads': 1,
-                                  'worker.process_every_pair': True},
+                                  'worker.process_every_pair': True,
+                                  # The paper's protocol: adapt, then label, each pair.
+                                  'worker.split': False},
                       player_args=['--delay', '5'])
     assert report['node_exit_code'] == 0 and not report['node_traceback']
     live = {stamp: cloud for stamp, _, cloud in read_clouds(

@@ -41,7 +41,10 @@ class LifecycleHarness:
         T = [float(v) for v in frames[0].T_cam_from_lidar.reshape(-1)]
         params = {'calibration.T_cam_from_lidar': T, 'model.image_width': IMAGE_SIZE[0],
                   'model.image_height': IMAGE_SIZE[1], 'device': 'cpu',
-                  'worker.process_every_pair': True, **overrides}
+                  'worker.process_every_pair': True,
+                  # Adapt-then-label in one step: step counts follow the frames exactly
+                  # (worker.split is tested in test_node.py).
+                  'worker.split': False, **overrides}
         self.node = MMTTALifecycleNode(context=self.context, parameter_overrides=[
             Parameter(name, value=value) for name, value in params.items()])
         self.peer = rclpy.create_node('lifecycle_peer', context=self.context)
@@ -151,7 +154,7 @@ def test_configure_activate_deactivate_cleanup_over_dds(frames, source_checkpoin
         h.send_frames(frames[:4])
         assert h.spin_until(lambda: len(h.clouds) >= 3, 60.0), h.node.diagnostics_values()
         pipeline = h.node.pipeline
-        assert h.spin_until(lambda: pipeline.method.steps >= 3, 10.0)
+        assert h.spin_until(lambda: pipeline.method.steps >= 3, 30.0)
 
         # deactivate: no subscriptions, no output, the adapted state kept as it was.
         assert released == []
@@ -173,7 +176,7 @@ def test_configure_activate_deactivate_cleanup_over_dds(frames, source_checkpoin
         assert h.spin_until(h.subscribed, 10.0)
         h.send_frames(frames[2:5])
         assert h.spin_until(lambda: len(h.clouds) >= received + 2, 60.0)
-        assert h.spin_until(lambda: pipeline.method.steps >= steps + 2, 10.0)
+        assert h.spin_until(lambda: pipeline.method.steps >= steps + 2, 30.0)
 
         # cleanup drops the pipeline; configure starts from the source model again.
         assert h.transition(Transition.TRANSITION_DEACTIVATE)

@@ -109,7 +109,8 @@ def render_tables(results: Dict[str, Any]) -> str:
 _ROW_ORDER = {name: index for index, name in enumerate((
     'source', 'bn_stats', 'bn_stats_prior', 'bn_stats_ema', 'bn_stats_fallback',
     'bn_stats_ema_fallback', 'tent_ens', 'xmuda_pl', 'mmtta_paper', 'mmtta_0.9',
-    'mmtta_0.9_fallback', 'mmtta_0.9_stats_only', 'mmtta_0.9_lr_x100', 'default', 'default_realtime', 'oracle'))}
+    'mmtta_0.9_fallback', 'mmtta_0.9_stats_only', 'mmtta_0.9_lr_x100', 'default',
+    'default_realtime', 'oracle'))}
 
 
 def update_readme(readme: Path, tables: str) -> None:

@@ -40,6 +40,8 @@ COUNTERS = (
     'camera_info_accepted',  # camera_info messages kept as the current one
     'rejected_camera_info',  # camera_info messages that are unusable (the last good one stays)
     'time_jumps', 'resets', 'saves', 'save_failures',
+    'adaptation_steps',      # worker.split: frames the adapter adapted on
+    'adaptation_failures',   # worker.split: adapter steps that failed (logged)
 )
 # Worker outcomes of a pair taken from the mailbox: each taken pair ends in one of them.
 PAIR_OUTCOMES = ('frames_processed', 'rejected_frames', 'rejected_stamp_skew',
@@ -64,6 +66,7 @@ class NodeDiagnostics:
         self._in_step = 0
         self._latencies: Deque[float] = deque(maxlen=HISTORY)
         self._steps: Deque[float] = deque(maxlen=HISTORY)
+        self._stages: Dict[str, Deque[float]] = {}
         self._last_stats: Dict[str, Any] = {}
 
     def received(self, key: str) -> None:
@@ -102,14 +105,28 @@ class NodeDiagnostics:
             self._counters[outcome] += 1
             self._in_step = 0
 
-    def frame_done(self, latency_s: float, step_s: float, stats: Mapping[str, Any]) -> None:
+    def frame_done(self, latency_s: float, step_s: float, stats: Mapping[str, Any],
+                   stages: Optional[Mapping[str, float]] = None) -> None:
         """Note one labeled frame: latency since its pair was complete, step time, stats."""
         with self._lock:
             self._counters['frames_processed'] += 1
             self._in_step = 0
             self._latencies.append(latency_s)
             self._steps.append(step_s)
+            if stats:  # a predictor's frame has none: the adapter reports them
+                self._last_stats = dict(stats)
+            self._note_stages(stages or {})
+
+    def adaptation_done(self, seconds: float, stats: Mapping[str, Any]) -> None:
+        """Note one adapter step (worker.split): its time and the method's stats."""
+        with self._lock:
+            self._counters['adaptation_steps'] += 1
             self._last_stats = dict(stats)
+            self._note_stages({'adapt': seconds})
+
+    def _note_stages(self, stages: Mapping[str, float]) -> None:
+        for name, seconds in stages.items():
+            self._stages.setdefault(name, deque(maxlen=HISTORY)).append(seconds)
 
     def values(self, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """Return every figure (rates Hz, times ms, counters) plus `extra` (pairing, mailbox)."""
@@ -123,6 +140,8 @@ class NodeDiagnostics:
             values['latency_ms'] = (float(np.mean(self._latencies)) * 1e3
                                     if self._latencies else float('nan'))
             values['step_ms'] = float(np.mean(self._steps)) * 1e3 if self._steps else float('nan')
+            for name, times in self._stages.items():
+                values[f'{name}_ms'] = float(np.mean(times)) * 1e3
             values.update(self._counters)
             values['pairs_in_step'] = self._in_step
             values['time_jumps_recent'] = sum(t >= now - RATE_WINDOW_S for t in self._jumps)

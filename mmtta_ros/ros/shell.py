@@ -34,6 +34,7 @@ from mmtta_ros.core.builder import build_pipeline, build_synchronizer
 from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.pairing import Mailbox, TimeJump
 from mmtta_ros.core.params import NODE_NAME, node_params, output_params
+from mmtta_ros.core.realtime import SplitPipeline
 from mmtta_ros.core.state import StateKeeper
 from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
 from mmtta_ros.ros.messages import cloud_message, image_message
@@ -62,7 +63,12 @@ class AdaptationShell:
     # --- configure / cleanup -------------------------------------------------------------
     def _load(self) -> None:
         """Build the pipeline from self.params, resume a saved state, create the services."""
-        self.pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
+        pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
+        # worker.split: label at inference cost, adapt on another thread (core/realtime.py).
+        self.split = self.params.split and pipeline.method_name != 'source'
+        self.pipeline = SplitPipeline(pipeline) if self.split else pipeline
+        self.adapt_box = Mailbox(1)
+        self._labeled = 0
         self.state = StateKeeper(self.pipeline, self.params.state)
         resumed = self.state.resume(warn=self.get_logger().warning)
         if resumed:
@@ -105,9 +111,15 @@ class AdaptationShell:
                               clock=wall),
             self.create_timer(1.0, self._maybe_periodic_save, clock=wall)]
         self.mailbox.reopen()
+        self.adapt_box.reopen()
         self._running = True
         self._worker = threading.Thread(target=self._work, name='mmtta_worker', daemon=True)
         self._worker.start()
+        self._adapter = None
+        if self.split:
+            self._adapter = threading.Thread(target=self._adapt_loop, name='mmtta_adapter',
+                                             daemon=True)
+            self._adapter.start()
 
     def _stop_worker(self) -> None:
         """Stop the worker thread; a step under way finishes and publishes nothing."""
@@ -115,9 +127,12 @@ class AdaptationShell:
         if self._worker is None:
             return
         self.mailbox.close()
-        self._worker.join(timeout=60.0)
-        if self._worker.is_alive():
-            self.get_logger().warning('the worker is still in a step after 60 s')
+        self.adapt_box.close()
+        for thread in (self._worker, getattr(self, '_adapter', None)):
+            if thread is not None:
+                thread.join(timeout=60.0)
+                if thread.is_alive():
+                    self.get_logger().warning(f'{thread.name} is still in a step after 60 s')
 
     def _drop_io(self) -> None:
         """Destroy the subscriptions, publishers and timers; forget half-paired messages."""
@@ -131,6 +146,7 @@ class AdaptationShell:
         # Counted (sync_dropped_reset, pairs_dropped_stale): the books still close.
         self.sync.reset()
         self.mailbox.clear()
+        self.adapt_box.clear()
 
     # --- parameters ----------------------------------------------------------------------
     def _apply_parameters(self, _parameters) -> None:
@@ -207,8 +223,12 @@ class AdaptationShell:
                 self.diagnostics.pair_done('rejected_stamp_skew')
                 continue
             try:
-                output = self.pipeline.process_messages(
-                    image_msg, self._camera_info, cloud_msg)
+                started = time.perf_counter()
+                frame = self.pipeline.frame_from_messages(image_msg, self._camera_info,
+                                                          cloud_msg)
+                decoded = time.perf_counter()
+                output = (self.pipeline.predict(frame) if self.split
+                          else self.pipeline.process(frame))
             except SensorDataError as error:
                 self.diagnostics.pair_done('rejected_frames')
                 self.get_logger().warning(f'rejected input: {error}',
@@ -224,11 +244,35 @@ class AdaptationShell:
                 # Ctrl-C (or deactivate) during the step: nothing to publish on any more.
                 self.diagnostics.pair_done('pairs_abandoned')
                 break
+            published = time.perf_counter()
             self.cloud_pub.publish(cloud_message(output.cloud, cloud_msg.header))
             if output.overlay is not None:
                 self.overlay_pub.publish(image_message(output.overlay, image_msg.header))
+            stages = {'decode': decoded - started, 'label': published - decoded,
+                      'publish': time.perf_counter() - published}
             self.diagnostics.frame_done(time.monotonic() - complete_at, output.step_seconds,
-                                        output.stats)
+                                        output.stats, stages)
+            if self.split:
+                # The adapter takes the newest frame handed over whenever it is free.
+                if self._labeled % self.params.adapt_every == 0:
+                    self.adapt_box.put(frame)
+                self._labeled += 1
+
+    def _adapt_loop(self) -> None:
+        """worker.split: adapt on the newest labeled frame handed over, at the adapter's pace."""
+        while self._running:
+            frame = self.adapt_box.take(timeout=0.1)
+            if frame is None:
+                continue
+            started = time.perf_counter()
+            try:
+                stats = self.pipeline.adapt(frame)
+            except Exception:  # noqa: B902 - a failed step must not stop adaptation for good
+                self.diagnostics.count('adaptation_failures')
+                self.get_logger().error('adaptation step failed:\n' + traceback.format_exc(),
+                                        throttle_duration_sec=THROTTLE_S)
+                continue
+            self.diagnostics.adaptation_done(time.perf_counter() - started, stats)
 
     def _stamp_acceptable(self, cloud_msg) -> bool:
         limit = self.params.max_stamp_skew_s
@@ -286,7 +330,8 @@ class AdaptationShell:
     def diagnostics_values(self) -> dict:
         """Return the figures /diagnostics reports (rates in Hz, times in ms, counters)."""
         extra = {f'sync_{key}': value for key, value in self.sync.stats.as_dict().items()}
-        extra.update(pairs_dropped_stale=self.mailbox.dropped, pairs_pending=self.mailbox.pending)
+        extra.update(pairs_dropped_stale=self.mailbox.dropped, pairs_pending=self.mailbox.pending,
+                     frames_skipped_by_adapter=self.adapt_box.dropped)
         return self.diagnostics.values(extra)
 
     def _publish_diagnostics(self) -> None:
