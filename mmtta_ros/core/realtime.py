@@ -96,7 +96,7 @@ class SplitPipeline:
 
     @property
     def method(self):
-        """Return the adapter's method (the adapted state lives there)."""
+        """Return the adapter's adaptation method: the adapted state lives there."""
         return self.adapter.method
 
     @property
