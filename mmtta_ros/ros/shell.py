@@ -24,7 +24,7 @@ from typing import Any, Optional
 from diagnostic_msgs.msg import DiagnosticArray
 import rclpy
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import (
     HistoryPolicy, qos_profile_sensor_data, QoSProfile, ReliabilityPolicy)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -356,9 +356,13 @@ def spin_node(make_node, args=None) -> int:
     """Create a node with make_node() and spin it until Ctrl-C; bad start-up: FATAL, exit 2."""
     rclpy.init(args=args)
     node = None
+    # Made before the node says it is ready: a Ctrl-C right after that must not land inside
+    # the executor's constructor (rclpy then prints a traceback from its __del__).
+    executor = SingleThreadedExecutor()
     try:
         node = make_node()
-        rclpy.spin(node)
+        executor.add_node(node)
+        executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, OSError, RuntimeError) as error:  # bad config / files: say why
@@ -368,5 +372,6 @@ def spin_node(make_node, args=None) -> int:
         if node is not None:
             node.shutdown()
             node.destroy_node()
+        executor.shutdown()
         rclpy.try_shutdown()
     return 0
