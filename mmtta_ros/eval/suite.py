@@ -121,8 +121,9 @@ def row_values(row: Row, checkpoint: PathLike, params_file: Optional[PathLike] =
                threads: int = 1) -> Dict[str, Any]:
     """Return the node parameter values of a row: the params file with the row's settings."""
     values = read_params_file(params_file or default_params_file())
-    if row.method:
-        values['adaptation.method'] = row.method
+    if row.method or row.oracle:
+        # An oracle is the model trained on the target, used as it is: source-only.
+        values['adaptation.method'] = 'source' if row.oracle else row.method
     method = values.get('adaptation.method', 'mmtta')
     for key, value in row.settings.items():
         name = key if '.' in key else f'adaptation.{method}.{key}'
