@@ -604,3 +604,23 @@ def test_player_publishes_bag_over_dds(bags, generated, monkeypatch):
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+def test_recorded_labeled_clouds_are_scored_against_the_bag_labels(bags, generated, tmp_path):
+    from mmtta_ros.eval.live_demo import score_labeled_bag
+
+    sweeps, _ = generated
+    stamps = sorted(sweeps)
+    recorded = []
+    for stamp in stamps:
+        sweep = sweeps[stamp]
+        labels = np.where(sweep.labels >= 0, sweep.labels, UNLABELED)
+        recorded.append((stamp, 'LIDAR_TOP', encode_labeled_cloud(
+            sweep.points_lidar, labels, np.ones(len(labels), np.float32), None,
+            np.zeros((6, 3), np.uint8))))
+    labeled = tmp_path / 'labeled'
+    write_labeled_clouds(labeled, recorded)
+    perfect = score_labeled_bag(labeled, bags['mcap'], stamps, topic=LABELED_POINTS_TOPIC)
+    assert perfect['scored'] == NUM_SWEEPS and perfect['miou'] == pytest.approx(1.0)
+    some = score_labeled_bag(labeled, bags['mcap'], stamps[:3], topic=LABELED_POINTS_TOPIC)
+    assert some['scored'] == 3

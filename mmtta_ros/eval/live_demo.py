@@ -260,21 +260,31 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
 def score_labeled_bag(labeled_bag: Path, truth_bag: Path, stamps: Sequence[int],
                       topic: str = f'/{NODE_NAME}/output/labeled_points') -> Dict[str, object]:
     """Score the recorded labeled clouds of `stamps` against the demo bag's labels."""
+    from rosbags.rosbag2 import Reader
+
     from mmtta_ros.bags.reader import read_clouds
+    from mmtta_ros.bags.topics import bag_typestore
     from mmtta_ros.core.classes import IGNORE_INDEX
+    from mmtta_ros.core.decode import labels_from_message
     from mmtta_ros.sensors.pointcloud import UNLABELED
 
     wanted = set(stamps)
-    truth = {stamp: cloud.fields['label'].astype(np.int64)
-             for stamp, _, cloud in read_clouds(truth_bag, topic='/LIDAR_TOP/labels')
-             if stamp in wanted}
+    truth = {}
+    typestore = bag_typestore()
+    with Reader(truth_bag) as reader:
+        # The labels topic carries only a label field: no points to decode, just labels.
+        connections = [c for c in reader.connections if c.topic == '/LIDAR_TOP/labels']
+        for connection, _, raw in reader.messages(connections=connections):
+            msg = typestore.deserialize_cdr(raw, connection.msgtype)
+            stamp = stamp_to_ns(msg.header.stamp)
+            if stamp in wanted:
+                truth[stamp] = labels_from_message(msg)
     matrix = ConfusionMatrix(len(CLASS_NAMES))
     scored = 0
     for stamp, _, cloud in read_clouds(labeled_bag, topic=topic):
         labels = truth.get(stamp)
         if labels is None or stamp not in wanted or labels.shape[0] != cloud.points.shape[0]:
             continue
-        labels = np.where(labels < len(CLASS_NAMES), labels, IGNORE_INDEX)
         predicted = cloud.fields['label'].astype(np.int64)
         keep = (predicted != UNLABELED) & (labels != IGNORE_INDEX)
         matrix.update(labels[keep], predicted[keep])
