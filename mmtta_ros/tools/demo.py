@@ -77,7 +77,10 @@ def main(argv=None) -> int:
         # Every pair, in order, in every run: the methods label the same sweeps. The player
         # waits for discovery, or the first messages are lost to the new subscriptions.
         parameters['worker.process_every_pair'] = True
-        player_args = ['--delay', '5']
+        # Reliable both ends: best-effort ~700 KB clouds over loopback lose about half the
+        # sweeps on this machine, and each run would lose different ones.
+        parameters['inputs.reliable'] = True
+        player_args = ['--delay', '5', '--reliable']
     reports = [run_live(method, checkpoint, bag, out_dir, args.rate, env,
                         parameters=parameters, player_args=player_args, settle_timeout=300.0)
                for method in args.methods]
