@@ -20,6 +20,8 @@ from mmtta_ros.bags.topics import ns_to_sec_nanosec
 
 # Up to this many latched messages per topic are kept for nodes that join late.
 MAX_LATCHED_DEPTH = 100
+# Keep-last history of every topic played with --reliable.
+RELIABLE_DEPTH = 50
 
 
 def message_class(msgtype: str):
@@ -37,10 +39,15 @@ def playback_qos(topic: TopicInfo, reliable: bool = False) -> QoSProfile:
     reliable (a reliable subscriber then loses nothing; a best-effort one still matches).
     """
     recorded = topic.offered_qos[0] if topic.offered_qos else None
+    forced = reliable
     reliable = (reliable or recorded is None
                 or recorded.reliability != QosReliability.BEST_EFFORT)
     latched = topic.transient_local or (recorded is None and topic.name == '/tf_static')
     depth = max(1, recorded.depth if recorded is not None else 10)
+    if forced:
+        # A reliable writer overwrites samples a slow reader has not acknowledged yet once
+        # its keep-last history is full: hold a few seconds of a sensor, not 5 messages.
+        depth = max(depth, RELIABLE_DEPTH)
     if latched:
         # A late subscriber should get every static message of the bag, not only the last.
         depth = max(depth, min(topic.message_count, MAX_LATCHED_DEPTH))
