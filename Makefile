@@ -8,7 +8,7 @@ export VENV
 # DDS traffic stays on this machine; tests pick their own ROS_DOMAIN_ID.
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
-.PHONY: setup test test-fast lint demo bench benchmark clean
+.PHONY: setup test test-fast lint demo bench bench-gpu benchmark clean
 # The pure core alone: no DDS, no processes, no linters, no timing (about a minute).
 FAST := not e2e and not dds and not slow and not linter and not timing
 
@@ -27,6 +27,9 @@ lint: setup
 bench: setup
 	$(PY) -m mmtta_ros.tools.sensor_core_benchmark
 	$(PY) -m mmtta_ros.eval.sync_latency
+
+bench-gpu: setup
+	bash scripts/bench_gpu.sh
 
 benchmark: setup
 	$(PY) -m mmtta_ros.tools.benchmark

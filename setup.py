@@ -40,6 +40,8 @@ setup(
             'mmtta_bag_calibration = mmtta_ros.tools.bag_calibration:main',
             'mmtta_nuscenes_to_bag = mmtta_ros.tools.nuscenes_to_bag:main',
             'mmtta_fuzz_node = mmtta_ros.tools.fuzz_node:main',
+            'mmtta_annotator = mmtta_ros.tools.annotator:main',
+            'mmtta_dds_delivery = mmtta_ros.tools.dds_delivery:main',
         ],
     },
 )

@@ -1,13 +1,20 @@
-"""Launch the mmtta_adapt node (and optionally RViz) with parameters from a YAML file."""
+"""
+Launch the mmtta_adapt node (and optionally RViz) with parameters from a YAML file.
+
+The processes it starts load config/fastdds_large_data.xml (Fast DDS shared memory large
+enough for LiDAR clouds) unless dds_profile:=false or FASTDDS_DEFAULT_PROFILES_FILE is set.
+"""
 
 import os
 
 from ament_index_python.packages import get_package_share_directory, PackageNotFoundError
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
+# Fast DDS 3 reads its XML profile from this variable (Fast DDS 2: FASTRTPS_...).
+DDS_PROFILES_VARIABLE = 'FASTDDS_DEFAULT_PROFILES_FILE'
 # Launch arguments that override a parameter of the YAML file when they are not empty.
 OVERRIDES = {
     'device': ('device', str),
@@ -27,6 +34,10 @@ def node_settings(context):
         ('~/input/image', LaunchConfiguration('image_topic').perform(context)),
         ('~/input/camera_info', LaunchConfiguration('camera_info_topic').perform(context)),
         ('~/input/points', LaunchConfiguration('points_topic').perform(context)),
+        # Label requests and answers (used only with labels.mode set).
+        ('~/output/label_requests',
+         LaunchConfiguration('label_requests_topic').perform(context)),
+        ('~/input/point_labels', LaunchConfiguration('point_labels_topic').perform(context)),
     ]
     return {'parameters': [LaunchConfiguration('params_file').perform(context), overrides],
             'remappings': remappings}
@@ -50,6 +61,26 @@ def _rviz(context):
     share = _share()
     return [Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
                  arguments=['-d', os.path.join(share, 'config', 'mmtta.rviz')])]
+
+
+def _dds_profile(context):
+    # Fast DDS reads the profile when a process creates its first participant: set it for
+    # the processes started after this action (the node, RViz). A profile file the user
+    # named already wins; config/fastdds_large_data.xml says why each setting.
+    value = LaunchConfiguration('dds_profile').perform(context).strip().lower()
+    if value in ('false', '0', 'no', 'off'):
+        return []
+    if value not in ('true', '1', 'yes', 'on'):
+        raise ValueError(f'dds_profile must be true or false, got {value!r}')
+    if os.environ.get(DDS_PROFILES_VARIABLE):
+        return [LogInfo(msg=f'dds_profile: keeping {DDS_PROFILES_VARIABLE}='
+                            f'{os.environ[DDS_PROFILES_VARIABLE]}')]
+    return [SetEnvironmentVariable(DDS_PROFILES_VARIABLE, dds_profile_path())]
+
+
+def dds_profile_path():
+    """Return the shipped Fast DDS profile: installed with the package's config files."""
+    return os.path.join(_share(), 'config', 'fastdds_large_data.xml')
 
 
 def _share():
@@ -77,13 +108,21 @@ def launch_arguments():
         DeclareLaunchArgument('image_topic', default_value='/CAM_FRONT/image_rect_compressed'),
         DeclareLaunchArgument('camera_info_topic', default_value='/CAM_FRONT/camera_info'),
         DeclareLaunchArgument('points_topic', default_value='/LIDAR_TOP'),
+        DeclareLaunchArgument('label_requests_topic', default_value='/mmtta/label_requests',
+                              description='where the node asks for labels (labels.mode)'),
+        DeclareLaunchArgument('point_labels_topic', default_value='/mmtta/point_labels',
+                              description='where the answers come in (labels.mode)'),
         DeclareLaunchArgument('rviz', default_value='false', description='start RViz too'),
+        DeclareLaunchArgument('dds_profile', default_value='true',
+                              description='load config/fastdds_large_data.xml (shared memory '
+                                          'for large clouds) into the started processes'),
     ]
 
 
 def generate_launch_description():
-    """Describe the arguments, the node and RViz."""
+    """Describe the arguments, the DDS profile, the node and RViz."""
     return LaunchDescription(launch_arguments() + [
+        OpaqueFunction(function=_dds_profile),
         OpaqueFunction(function=_adapt_node),
         OpaqueFunction(function=_rviz),
     ])

@@ -3,7 +3,8 @@ Launch mmtta_adapt as a lifecycle node (and optionally RViz): adapt.launch.py's 
 
 The node starts unconfigured and waits for a lifecycle manager (or `ros2 lifecycle set
 /mmtta_adapt configure`, then `activate`); `autostart:=true` configures and activates it
-at start instead. Arguments, parameters, remappings and RViz come from adapt.launch.py.
+at start instead. Arguments, parameters, remappings, the DDS profile and RViz come from
+adapt.launch.py.
 """
 
 import importlib.util
@@ -37,10 +38,11 @@ def _lifecycle_node(context):
 
 
 def generate_launch_description():
-    """Describe the arguments, the lifecycle node and RViz."""
+    """Describe the arguments, the DDS profile, the lifecycle node and RViz."""
     return LaunchDescription(PLAIN.launch_arguments() + [
         DeclareLaunchArgument('autostart', default_value='false',
                               description='configure and activate at start (no manager)'),
+        OpaqueFunction(function=PLAIN._dds_profile),
         OpaqueFunction(function=_lifecycle_node),
         OpaqueFunction(function=PLAIN._rviz),
     ])

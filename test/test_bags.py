@@ -19,7 +19,7 @@ from mmtta_ros.bags.reader import BagFrameReader, read_clouds, read_frames
 from mmtta_ros.bags.topics import (
     bag_typestore, BagTopics, LABELED_POINTS_TOPIC, labels_to_wire, make_qos,
     matrix_to_quaternion, NO_LABEL, SENSOR_QOS, stamp_to_ns, TF_STATIC_QOS)
-from mmtta_ros.bags.transforms import build_tree, lookup_transform
+from mmtta_ros.bags.transforms import build_tree, lookup_transform, PoseTrack, slerp
 from mmtta_ros.bags.writer import (
     labels_cloud_message, sensor_samples, STORAGES, tf_message, write_demo_bag,
     write_labeled_clouds)
@@ -29,7 +29,8 @@ from mmtta_ros.core.params import SyncParams
 from mmtta_ros.core.classes import IGNORE_INDEX
 from mmtta_ros.sensors.image import scale_intrinsics
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, encode_labeled_cloud, UNLABELED
-from mmtta_ros.sensors.projection import quaternion_to_matrix
+from mmtta_ros.sensors.projection import (
+    quaternion_to_matrix, transform_from_translation_quaternion)
 from mmtta_ros.synth import (
     CameraImage, LidarSweep, SequenceConfig, SyntheticSequence, T_CAM_FROM_LIDAR,
     T_EGO_FROM_CAM, T_EGO_FROM_LIDAR)
@@ -314,6 +315,85 @@ def test_reader_takes_raw_images_and_mounts_from_tf(bags, generated, tmp_path):
                                       _jpeg_round_trip(images[frame.stamp_image_ns].image))
         # The mounts came from /tf, as some converters write them.
         np.testing.assert_allclose(frame.T_cam_from_lidar, T_CAM_FROM_LIDAR, atol=1e-9)
+
+
+def test_pose_track_interpolates_and_never_extrapolates():
+    track = PoseTrack()
+    half = np.sqrt(0.5)
+    track.add(2_000, (2.0, 0.0, 0.0), (0.0, 0.0, half, half))  # yaw 90 deg
+    track.add(1_000, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))    # out of order is fine
+    np.testing.assert_allclose(track.at(1_000), np.eye(4), atol=1e-12)
+    middle = track.at(1_500)
+    np.testing.assert_allclose(middle[:3, 3], (1.0, 0.0, 0.0), atol=1e-12)
+    yaw = np.arctan2(middle[1, 0], middle[0, 0])
+    assert yaw == pytest.approx(np.pi / 4, abs=1e-9)  # slerp: half the angle at half time
+    quarter = track.at(1_250)
+    assert np.arctan2(quarter[1, 0], quarter[0, 0]) == pytest.approx(np.pi / 8, abs=1e-9)
+    assert track.at(999) is None and track.at(2_001) is None
+    # q and -q are one rotation: the short way round, not a full turn.
+    assert slerp((0, 0, 0, 1), (0, 0, -half, -half), 0.5) == pytest.approx(
+        (0, 0, np.sin(np.pi / 8), np.cos(np.pi / 8)), abs=1e-9)
+    assert PoseTrack().at(0) is None
+
+
+@pytest.fixture(scope='module')
+def tf_bag(tmp_path_factory):
+    """Write a demo bag with the ego pose on /tf (odom -> base_link at every sensor stamp)."""
+    path = tmp_path_factory.mktemp('tf_bag') / 'demo_tf'
+    write_demo_bag(path, storage='mcap', latency_ms=LATENCY_MS, with_tf=True, **DEMO)
+    return path
+
+
+def test_reader_poses_from_tf_are_the_generators(tf_bag, generated, bags, tmp_path):
+    sweeps, images = generated
+    with Reader(tf_bag) as bag:
+        assert bag.topics[TOPICS.tf].msgcount == len(sweeps) + len(images)
+    reader = BagFrameReader(tf_bag, image_size=None)
+    frames = list(reader)
+    assert frames and reader.stats.frames_without_pose == 0
+    for frame in frames:
+        # The bag has odometry at every sweep stamp: the pose is exact, but for the
+        # quaternions' float64 round trip.
+        np.testing.assert_allclose(frame.T_odom_from_lidar,
+                                   sweeps[frame.stamp_lidar_ns].T_world_from_lidar, atol=1e-9)
+        # The camera's pose at its image's stamp, as the image was rendered.
+        np.testing.assert_allclose(frame.T_odom_from_cam,
+                                   images[frame.stamp_image_ns].T_world_from_cam, atol=1e-9)
+    assert reader.stats.frames_without_camera_pose == 0
+    # An override of the extrinsics: the camera sits where the override puts it relative to
+    # the LiDAR, so the compensated transform is the override's wherever the car stands.
+    override = transform_from_translation_quaternion((0.1, -0.2, 0.3), (0.5, -0.5, 0.5, -0.5))
+    for frame in BagFrameReader(tf_bag, image_size=None, T_cam_from_lidar=override):
+        T_odom_from_lidar_at_image = (images[frame.stamp_image_ns].T_world_from_cam
+                                      @ T_CAM_FROM_LIDAR)
+        np.testing.assert_allclose(frame.T_odom_from_cam,
+                                   T_odom_from_lidar_at_image @ np.linalg.inv(override),
+                                   atol=1e-9)
+    # Odometry at the camera stamps only: poses interpolated at the sweeps' stamps (the ego
+    # drives smoothly, so within a millimetre), none before the first or after the last.
+    sparse = tmp_path / 'camera_stamps_only'
+    _copy_bag(tf_bag, sparse, lambda topic, msg: not (
+        topic == TOPICS.tf and stamp_to_ns(msg.transforms[0].header.stamp) in sweeps))
+    reader = BagFrameReader(sparse, image_size=None)
+    interpolated = list(reader)
+    inside = {f.stamp_lidar_ns for f in interpolated
+              if min(images) <= f.stamp_lidar_ns <= max(images)}
+    assert len(inside) >= 2
+    assert reader.stats.frames_without_pose == len(interpolated) - len(inside)
+    for frame in interpolated:
+        if frame.stamp_lidar_ns not in inside:
+            assert frame.T_odom_from_lidar is None
+            continue
+        truth = sweeps[frame.stamp_lidar_ns].T_world_from_lidar
+        assert frame.stamp_lidar_ns not in images  # really interpolated, not read
+        np.testing.assert_allclose(frame.T_odom_from_lidar[:3, 3], truth[:3, 3], atol=1e-3)
+        np.testing.assert_allclose(frame.T_odom_from_lidar[:3, :3], truth[:3, :3], atol=1e-4)
+    # A bag without odometry: no poses, every frame counted.
+    reader = BagFrameReader(bags['mcap'], image_size=None)
+    frames = list(reader)
+    assert all(f.T_odom_from_lidar is None and f.T_odom_from_cam is None for f in frames)
+    assert reader.stats.frames_without_pose == len(frames) > 0
+    assert reader.stats.frames_without_camera_pose == len(frames)
 
 
 def test_pairing_skips_sweeps_without_an_image_in_slop(bags, generated, tmp_path):
@@ -624,3 +704,21 @@ def test_recorded_labeled_clouds_are_scored_against_the_bag_labels(bags, generat
     assert perfect['scored'] == NUM_SWEEPS and perfect['miou'] == pytest.approx(1.0)
     some = score_labeled_bag(labeled, bags['mcap'], stamps[:3], topic=LABELED_POINTS_TOPIC)
     assert some['scored'] == 3
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_the_player_waits_for_subscribers_and_refuses_topics_it_does_not_play(bags):
+    pytest.importorskip('rclpy')
+    refused = _start_player(bags['mcap'], '--wait-for', '/nowhere')
+    out, err = refused.communicate(timeout=30)
+    assert refused.returncode == 1 and 'Traceback' not in err
+    assert '--wait-for: not played from this bag: /nowhere' in err
+    # Nobody subscribes here: it waits the timeout, says so and plays anyway.
+    alone = _start_player(bags['mcap'], '--rate', '8', '--topics', TOPICS.lidar,
+                          '--wait-for', TOPICS.lidar, '--wait-timeout', '0.5')
+    out, err = alone.communicate(timeout=30)
+    assert alone.returncode == 0, err
+    assert f'no subscriber after 0.5 s on {TOPICS.lidar}; playing anyway' in err
+    assert f'{NUM_SWEEPS:8d}  {TOPICS.lidar}' in out
+

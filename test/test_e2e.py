@@ -1,11 +1,8 @@
 """End to end with real processes over DDS on loopback: player -> node -> a subscriber here."""
 
-import os
-from pathlib import Path
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,44 +12,25 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
+from dds_helpers import (  # noqa: E402
+    INPUT_TOPICS, kill_left_over, node_command, process_env, small_night_bag, spin_until)
 from mmtta_ros.bags.reader import read_clouds  # noqa: E402
-from mmtta_ros.bags.writer import write_demo_bag  # noqa: E402
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, UNLABELED  # noqa: E402
 from mmtta_ros.sensors.stamps import stamp_to_ns  # noqa: E402
 from mmtta_ros.synth import T_CAM_FROM_LIDAR  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope='module')
 def bag(tmp_path_factory):
-    path = tmp_path_factory.mktemp('e2e') / 'night'
-    write_demo_bag(path, domain='night', seed=4, num_sweeps=24, image_size=(320, 180),
-                   render_size=(160, 90), lidar_azimuth_steps=360)
-    return path
-
-
-def _spin_until(executor, condition, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        executor.spin_once(timeout_sec=0.05)
-    return condition()
+    return small_night_bag(tmp_path_factory.mktemp('e2e') / 'night')
 
 
 def test_player_node_subscriber(bag, tmp_path):
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
-               ROS_DOMAIN_ID=os.environ['ROS_DOMAIN_ID'], PYTHONUNBUFFERED='1')
-    T = ','.join(repr(float(v)) for v in T_CAM_FROM_LIDAR.reshape(-1))
-    node_cmd = [
-        sys.executable, '-m', 'mmtta_ros.ros.node', '--ros-args',
-        '--params-file', str(ROOT / 'config' / 'adapt.yaml'),
-        '-p', f'calibration.T_cam_from_lidar:=[{T}]', '-p', 'use_sim_time:=true',
-        '-p', 'model.image_width:=160', '-p', 'model.image_height:=90',
-        '-p', f'state.save_path:={tmp_path / "state.pt"}',
-        '-r', '~/input/image:=/CAM_FRONT/image_rect_compressed',
-        '-r', '~/input/camera_info:=/CAM_FRONT/camera_info',
-        '-r', '~/input/points:=/LIDAR_TOP']
+    env = process_env()
+    node_cmd = node_command('use_sim_time:=true', 'model.image_width:=160',
+                            'model.image_height:=90', f'state.save_path:={tmp_path / "state.pt"}')
     context = rclpy.context.Context()
     rclpy.init(context=context)
     listener = rclpy.create_node('e2e_listener', context=context)
@@ -68,23 +46,20 @@ def test_player_node_subscriber(bag, tmp_path):
         with open(node_log, 'w') as log:
             node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         processes.append(node)
-        assert _spin_until(executor, lambda: listener.count_subscribers('/LIDAR_TOP') > 0,
-                           90.0), node_log.read_text()
+        assert spin_until(executor, lambda: listener.count_subscribers('/LIDAR_TOP') > 0,
+                          90.0), node_log.read_text()
         # Quarter speed: the node on a 2-core machine keeps up with most pairs (its first
         # step, which warms torch up, takes a second or two).
         player = subprocess.Popen(
             [sys.executable, '-m', 'mmtta_ros.tools.play_bag', str(bag), '--rate', '0.25'],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         processes.append(player)
-        assert _spin_until(executor, lambda: player.poll() is not None, 120.0)
-        _spin_until(executor, lambda: False, 3.0)  # the last pair in flight
+        assert spin_until(executor, lambda: player.poll() is not None, 120.0)
+        spin_until(executor, lambda: False, 3.0)  # the last pair in flight
         node.send_signal(signal.SIGINT)
         assert node.wait(timeout=30) == 0
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_left_over(processes)
         executor.shutdown()
         listener.destroy_node()
         rclpy.try_shutdown(context=context)
@@ -126,8 +101,7 @@ def test_the_node_over_dds_labels_what_the_offline_scorer_labels(
     from mmtta_ros.eval.live_demo import run_live
     from mmtta_ros.tools import evaluate
 
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
-               ROS_DOMAIN_ID=os.environ['ROS_DOMAIN_ID'], PYTHONUNBUFFERED='1')
+    env = process_env()
     # In order: a worker that processes every pair (a queue) instead of only the newest,
     # small clouds at a quarter of real time (nothing is lost on loopback). One torch
     # thread on both sides, so the arithmetic is the same.
@@ -137,7 +111,7 @@ def test_the_node_over_dds_labels_what_the_offline_scorer_labels(
                                   'worker.process_every_pair': True,
                                   # The paper's protocol: adapt, then label, each pair.
                                   'worker.split': False},
-                      player_args=['--delay', '5'])
+                      player_args=['--wait-for', *INPUT_TOPICS, '--delay', '5'])
     assert report['node_exit_code'] == 0 and not report['node_traceback']
     live = {stamp: cloud for stamp, _, cloud in read_clouds(
         tmp_path / f'{method}_labeled_points', topic='/mmtta_adapt/output/labeled_points')}

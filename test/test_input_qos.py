@@ -1,11 +1,8 @@
 """Input QoS parameters: a reliable node gets every message of a reliable player process."""
 
-import os
-from pathlib import Path
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -14,12 +11,10 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data, ReliabilityPolicy  # noqa: E402
 
-from mmtta_ros.bags.writer import write_demo_bag  # noqa: E402
+from dds_helpers import (  # noqa: E402
+    INPUT_TOPICS, node_command, process_env, small_night_bag, spin_until)
 from mmtta_ros.core.params import node_params  # noqa: E402
 from mmtta_ros.ros.shell import input_qos  # noqa: E402
-from mmtta_ros.synth import T_CAM_FROM_LIDAR  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_input_qos_is_the_sensor_data_profile():
@@ -34,20 +29,13 @@ def test_default_input_qos_is_the_sensor_data_profile():
 
 @pytest.mark.e2e
 def test_reliable_node_receives_every_message_of_a_reliable_player(tmp_path):
-    bag = tmp_path / 'night'
-    write_demo_bag(bag, domain='night', seed=4, num_sweeps=24, image_size=(320, 180),
-                   render_size=(160, 90), lidar_azimuth_steps=360)
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
-               ROS_DOMAIN_ID=os.environ['ROS_DOMAIN_ID'], PYTHONUNBUFFERED='1')
-    T = ','.join(repr(float(v)) for v in T_CAM_FROM_LIDAR.reshape(-1))
-    node_cmd = [
-        sys.executable, '-m', 'mmtta_ros.ros.node', '--ros-args', '-p', 'device:=cpu',
-        '-p', 'inputs.reliable:=true', '-p', f'calibration.T_cam_from_lidar:=[{T}]',
-        '-p', 'model.image_width:=160', '-p', 'model.image_height:=90',
-        '-p', 'diagnostics_period:=0.5',
-        '-r', '~/input/image:=/CAM_FRONT/image_rect_compressed',
-        '-r', '~/input/camera_info:=/CAM_FRONT/camera_info',
-        '-r', '~/input/points:=/LIDAR_TOP']
+    bag = small_night_bag(tmp_path / 'night')
+    env = process_env()
+    # Depth covers the bag: keep last drops the oldest once the callbacks fall behind by
+    # more than `depth` messages, reliable or not.
+    node_cmd = node_command('device:=cpu', 'inputs.reliable:=true', 'inputs.depth:=100',
+                            'model.image_width:=160', 'model.image_height:=90',
+                            'diagnostics_period:=0.5', params_file=False)
     context = rclpy.context.Context()
     rclpy.init(context=context)
     listener = rclpy.create_node('qos_listener', context=context)
@@ -60,24 +48,20 @@ def test_reliable_node_receives_every_message_of_a_reliable_player(tmp_path):
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(listener)
 
-    def spin_until(condition, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not condition():
-            executor.spin_once(timeout_sec=0.05)
-        return condition()
-
     node_log = tmp_path / 'node.log'
     node = player = None
     try:
         with open(node_log, 'w') as log:
             node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        assert spin_until(lambda: listener.count_subscribers('/LIDAR_TOP') > 0, 90.0), \
+        assert spin_until(executor, lambda: listener.count_subscribers('/LIDAR_TOP') > 0, 90.0), \
             node_log.read_text()
-        # --delay: the node discovers the player's publishers before the first message.
+        # --wait-for, then --delay: the player's publishers have matched the node's
+        # subscriptions, and the node's side has had time to match them too (a volatile
+        # reader misses what comes before; under load 2 s lost the first of each topic).
         player = subprocess.run(
             [sys.executable, '-m', 'mmtta_ros.tools.play_bag', str(bag), '--reliable',
-             '--delay', '5'], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, timeout=120)
+             '--wait-for', *INPUT_TOPICS, '--delay', '5'],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
         assert player.returncode == 0, player.stdout
         sent = {topic: int(count) for count, topic in
                 re.findall(r'^\s+(\d+)\s+(\S+)$', player.stdout, re.MULTILINE)}
@@ -89,7 +73,7 @@ def test_reliable_node_receives_every_message_of_a_reliable_player(tmp_path):
 
         def received():
             return {key: int(latest.get(key, -1)) for key in expected}
-        assert spin_until(lambda: received() == expected, 30.0), (
+        assert spin_until(executor, lambda: received() == expected, 30.0), (
             received(), node_log.read_text()[-2000:])
     finally:
         if node is not None:

@@ -9,7 +9,8 @@ import pytest
 LAUNCH_FILE = Path(__file__).resolve().parents[1] / 'launch' / 'adapt.launch.py'
 LIFECYCLE_LAUNCH_FILE = LAUNCH_FILE.with_name('adapt_lifecycle.launch.py')
 EXPECTED_ARGUMENTS = {'params_file', 'use_sim_time', 'device', 'method', 'checkpoint',
-                      'image_topic', 'camera_info_topic', 'points_topic', 'rviz'}
+                      'image_topic', 'camera_info_topic', 'points_topic',
+                      'label_requests_topic', 'point_labels_topic', 'rviz', 'dds_profile'}
 
 
 def _declared_arguments(tree):
@@ -62,7 +63,7 @@ def _load_with_fake_launch(monkeypatch, path=LAUNCH_FILE):
         'launch_ros.actions': types.ModuleType('launch_ros.actions'),
     }
     modules['launch'].LaunchDescription = Action
-    for name in ('DeclareLaunchArgument', 'LogInfo', 'OpaqueFunction'):
+    for name in ('DeclareLaunchArgument', 'LogInfo', 'OpaqueFunction', 'SetEnvironmentVariable'):
         setattr(modules['launch.actions'], name, type(name, (Action,), {}))
     modules['launch.substitutions'].LaunchConfiguration = LaunchConfiguration
     modules['launch_ros.actions'].Node = type('Node', (Action,), {})
@@ -101,7 +102,8 @@ def test_rviz_true_without_rviz2_warns_instead_of_failing(monkeypatch, tmp_path)
 
 LAUNCH_VALUES = {'params_file': 'p.yaml', 'use_sim_time': 'true', 'device': 'cpu', 'method': '',
                  'checkpoint': '', 'image_topic': '/cam', 'camera_info_topic': '/info',
-                 'points_topic': '/lidar', 'rviz': 'false'}
+                 'points_topic': '/lidar', 'label_requests_topic': '/ask',
+                 'point_labels_topic': '/answers', 'rviz': 'false', 'dds_profile': 'true'}
 
 
 def test_lifecycle_launch_has_the_plain_arguments_and_starts_the_lifecycle_node(
@@ -123,6 +125,8 @@ def test_lifecycle_launch_has_the_plain_arguments_and_starts_the_lifecycle_node(
     for key in ('parameters', 'remappings'):
         assert node.kwargs[key] == plain_node.kwargs[key]
     assert ('~/input/points', '/lidar') in node.kwargs['remappings']
+    assert ('~/output/label_requests', '/ask') in node.kwargs['remappings']
+    assert ('~/input/point_labels', '/answers') in node.kwargs['remappings']
     assert node.kwargs['parameters'][1] == {'use_sim_time': True, 'device': 'cpu'}
     [node] = module._lifecycle_node(dict(LAUNCH_VALUES, autostart='true'))
     assert node.kwargs['arguments'] == ['--activate']

@@ -1,5 +1,6 @@
 """Tests of the dual-branch segmenter: shapes, voxel map, gradients, weights, config."""
 
+from dataclasses import replace
 import time
 
 from hypothesis import given, settings, strategies as st
@@ -375,6 +376,55 @@ def test_prediction_2d3d_is_argmax_of_averaged_softmaxes():
     assert out.prediction_2d3d().tolist() == [1, 2]
 
 
+def test_fused_head_logits_and_checkpoint_round_trip(tmp_path):
+    from mmtta_ros.core.checkpoint import load_model_checkpoint, save_model_checkpoint
+
+    torch.manual_seed(0)
+    config = SegmenterConfig(size='tiny', num_classes=5, fused_head=True)
+    model = build_segmenter(config).eval()
+    batch = make_batch(2, 32, 48, 300)
+    with torch.no_grad():
+        out = model(batch)
+        # The head reads both branches' features, concatenated per point.
+        expected = model.fused_head.mlp(torch.cat([out.features_2d, out.features_3d], 1))
+    assert out.logits_fused.shape == (600, 5) and torch.equal(out.logits_fused, expected)
+    save_model_checkpoint(tmp_path / 'fused.pt', model, config)
+    loaded, loaded_config, _ = load_model_checkpoint(tmp_path / 'fused.pt')
+    assert loaded_config.fused_head and loaded_config == config
+    assert any(key.startswith('fused_head.') for key in loaded.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(batch).logits_fused, out.logits_fused)
+    plain = build_segmenter(SegmenterConfig(size='tiny', num_classes=5))
+    assert plain.fused_head is None and plain(batch).logits_fused is None
+    assert not any(key.startswith('fused_head.') for key in plain.state_dict())
+
+
+def test_a_checkpoint_from_before_the_fused_head_loads_for_every_other_method(tmp_path):
+    """A model_config without the fused_head key (old checkpoints): no head, all else runs."""
+    from mmtta_ros.core.checkpoint import load_model_checkpoint
+    from mmtta_ros.tta import build_method, METHODS
+
+    torch.manual_seed(0)
+    config = SegmenterConfig(size='tiny')
+    old_config = config.to_dict()
+    del old_config['fused_head']
+    path = tmp_path / 'old.pt'
+    torch.save({'model': build_segmenter(config).state_dict(), 'model_config': old_config},
+               path)
+    batch = make_batch(2, 32, 48, 200)
+    for name in sorted(METHODS):
+        model, loaded_config, _ = load_model_checkpoint(path)
+        assert loaded_config.fused_head is False and model.fused_head is None
+        if name == 'ftd':
+            with pytest.raises(ValueError, match='fit-fused-head'):
+                build_method(name, model)
+            continue
+        method = build_method(name, model)
+        prediction = method.step(batch)
+        assert prediction.logits_2d.shape == (400, 6), name
+        assert np.isfinite(method.stats['entropy']), name
+
+
 # --------------------------------------------------------------------------- weights
 
 def test_torchvision_resnet34_state_dict_loads_into_the_2d_encoder(tmp_path):
@@ -421,6 +471,26 @@ def test_make_segmenter_input_keeps_in_view_points_and_rounds_pixels():
     assert batch.batch_index.tolist() == [0, 0, 0, 1]
     assert torch.equal(batch.points, torch.from_numpy(np.concatenate([points_a[[0, 2, 3]],
                                                                       points_b[[1]]])))
+
+
+def test_make_segmenter_input_stacks_poses_only_when_every_frame_has_one():
+    frames = [make_frame(10, 6, np.zeros((1, 3))), make_frame(10, 6, np.ones((1, 3)))]
+    masks = [np.ones(1, dtype=bool)] * 2
+    pixels = [np.zeros((1, 2), dtype=np.float32)] * 2
+    assert make_segmenter_input(frames, masks, pixels, 'cpu').T_odom_from_lidar is None
+    poses = np.stack([np.eye(4), np.eye(4)])
+    poses[1, :3, 3] = (1234.5, -6.25, 0.125)
+    posed = [replace(frame, T_odom_from_lidar=pose) for frame, pose in zip(frames, poses)]
+    batch = make_segmenter_input(posed, masks, pixels, 'cpu')
+    assert batch.T_odom_from_lidar.dtype == torch.float64
+    assert torch.equal(batch.T_odom_from_lidar, torch.from_numpy(poses))
+    assert torch.equal(batch.to('cpu').T_odom_from_lidar, batch.T_odom_from_lidar)
+    # One frame without a pose: no poses for the batch.
+    mixed = [posed[0], frames[1]]
+    assert make_segmenter_input(mixed, masks, pixels, 'cpu').T_odom_from_lidar is None
+    bad = [posed[0], replace(frames[1], T_odom_from_lidar=np.full((4, 4), np.nan))]
+    with pytest.raises(SensorDataError, match='T_odom_from_lidar'):
+        make_segmenter_input(bad, masks, pixels, 'cpu')
 
 
 def test_make_segmenter_input_rejects_mixed_image_sizes():

@@ -263,6 +263,18 @@ def test_project_reader_reads_the_converted_bag(dataset, nusc, night_bag):
         assert frame.image.shape == (dataset.image_size[1], dataset.image_size[0], 3)
         assert frame.labels.shape == (frame.num_points,)
         assert set(np.unique(frame.labels)) <= set(range(len(CLASS_NAMES))) | {-100}
+    # Ego poses: the devkit's ego pose at the sweep's sample_data stamp, composed with the
+    # LiDAR's calibration, as its map_pointcloud_to_image moves a sweep into the world.
+    lidar_records = {nusc.get('sample_data', t)['timestamp'] * 1000: nusc.get('sample_data', t)
+                     for t in night.lidar_tokens}
+    assert frames and all(f.T_odom_from_lidar is not None for f in frames)
+    for frame in frames:
+        record = lidar_records[frame.stamp_lidar_ns]
+        ego = nusc.get('ego_pose', record['ego_pose_token'])
+        cal = nusc.get('calibrated_sensor', record['calibrated_sensor_token'])
+        expected = (transform_matrix(ego['translation'], Quaternion(ego['rotation']))
+                    @ transform_matrix(cal['translation'], Quaternion(cal['rotation'])))
+        np.testing.assert_allclose(frame.T_odom_from_lidar, expected, atol=1e-9)
 
 
 def test_without_lidarseg_there_is_no_labels_topic(tmp_path):

@@ -93,3 +93,19 @@ def test_reset_and_save_stay_exact(frames, tmp_path):
     assert (split.predict(frames[3]).confidence == fresh).all()
     split.load_state(tmp_path / 'state.pt')
     assert (split.predict(frames[3]).confidence == adapted).all()
+
+
+def test_bf16_autocast_stays_close_to_fp32_and_outputs_float32(frames):
+    # model.precision bf16: the 2D branch and heads in bf16, the sparse 3D branch in fp32.
+    # Measured on 30 night frames with a trained model (README): 98.6 % (source) and
+    # 99.4 % (MM-TTA) of labels unchanged, mIoU within 0.5. Here: random weights, so only
+    # closeness of the probabilities is checked, and that everything after is float32.
+    reference = _pipeline('mmtta')
+    autocast = _pipeline('mmtta', **{'model.precision': 'bf16'})
+    for frame in frames[:2]:
+        expected, got = reference.process(frame), autocast.process(frame)
+        assert got.confidence.dtype == expected.confidence.dtype
+        assert abs(got.confidence - expected.confidence).max() < 0.05
+        assert got.stats['updated'] == expected.stats['updated']
+    with pytest.raises(ValueError, match='model.precision'):
+        node_params({'model.precision': 'fp16'})

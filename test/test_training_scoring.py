@@ -11,6 +11,7 @@ from mmtta_ros.eval.frame_cache import synthetic_frames
 from mmtta_ros.models.segmenter import SegmenterConfig, SegmenterOutput
 from mmtta_ros.core.batching import frames_to_input
 from mmtta_ros.core.pipeline import Pipeline
+from mmtta_ros.core.params import InputParams
 from mmtta_ros.eval.scoring import format_report, score_stream
 from mmtta_ros.synth import SequenceConfig
 from mmtta_ros.tools import evaluate
@@ -73,6 +74,62 @@ def test_training_is_deterministic_by_seed_on_cpu(frames, tmp_path):
     assert any(not torch.equal(same[k], other[k]) for k in same if same[k].is_floating_point())
 
 
+def test_fit_fused_head_keeps_the_branches_and_is_deterministic(frames, tmp_path):
+    from mmtta_ros.eval.training import fit_fused_head, fused_head_fitted
+
+    source = tmp_path / 'source.pt'
+    train_source(frames, SegmenterConfig(size='tiny'), TrainConfig(steps=1, batch_frames=1),
+                 source, torch.device('cpu'), progress=False)
+    source_state = torch.load(source, weights_only=True)['model']
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        heads = []
+        for run, seed in (('a', 0), ('b', 0), ('c', 1)):
+            summary = fit_fused_head(frames, source, TrainConfig(steps=3, batch_frames=2,
+                                                                 seed=seed),
+                                     tmp_path / f'{run}.pt', torch.device('cpu'),
+                                     progress=False)
+            assert summary['steps'] == 3 and np.isfinite(summary['loss_fused'])
+            model, config, payload = load_model_checkpoint(tmp_path / f'{run}.pt')
+            assert config.fused_head and payload['step'] == 3
+            state = model.state_dict()
+            # Bit for bit the source's 2D and 3D weights, batch-norm statistics included.
+            assert all(torch.equal(state[key], value) for key, value in source_state.items())
+            heads.append({k: v for k, v in state.items() if k.startswith('fused_head.')})
+    finally:
+        torch.set_num_threads(threads)
+    assert heads[0] and all(torch.equal(v, heads[1][k]) for k, v in heads[0].items())
+    assert any(not torch.equal(v, heads[2][k]) for k, v in heads[0].items())
+    # Fitted on this source as it is now; a retrained source needs a new head.
+    assert fused_head_fitted(tmp_path / 'a.pt', source)
+    train_source(frames, SegmenterConfig(size='tiny'), TrainConfig(steps=2, batch_frames=1),
+                 source, torch.device('cpu'), progress=False)
+    assert not fused_head_fitted(tmp_path / 'a.pt', source)
+
+
+def test_source_training_with_a_fused_head_trains_it(frames, tmp_path):
+    from mmtta_ros.models.segmenter import build_segmenter
+
+    config = SegmenterConfig(size='tiny', fused_head=True)
+    train_source(frames, config, TrainConfig(steps=2, batch_frames=1), tmp_path / 'f.pt',
+                 torch.device('cpu'), progress=False)
+    model, loaded_config, _ = load_model_checkpoint(tmp_path / 'f.pt')
+    torch.manual_seed(0)
+    initial = build_segmenter(config).fused_head.state_dict()  # train_source seeds the same
+    assert loaded_config.fused_head
+    assert all(not torch.equal(v, initial[k]) for k, v in model.fused_head.state_dict().items())
+
+
+def test_train_tool_fit_needs_its_source(tmp_path):
+    from mmtta_ros.tools import train
+
+    with pytest.raises(SystemExit):
+        train.main(['--checkpoint', str(tmp_path / 'x.pt'), '--fit-fused-head'])
+    with pytest.raises(SystemExit):
+        train.main(['--checkpoint', str(tmp_path / 'x.pt'), '--init', 'a.pt', '--fused-head'])
+
+
 class _Oracle:
     """A stand-in method that predicts given per-frame labels: scoring must then say 100%."""
 
@@ -91,7 +148,9 @@ class _Oracle:
 def _in_view_labels(frames):
     labels = []
     for frame in frames:
-        _, (in_view,) = frames_to_input([frame], torch.device('cpu'))
+        # Projected as a Pipeline with default inputs does (ego motion compensated).
+        _, (in_view,) = frames_to_input([frame], torch.device('cpu'),
+                                        ego_motion=InputParams().ego_motion)
         labels.append(np.asarray(frame.labels)[in_view])
     return labels
 

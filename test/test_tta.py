@@ -6,6 +6,7 @@ import gc
 import math
 import os
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ from mmtta_ros.tta.norm import configure_norm_adaptation, norm_layers
 from mmtta_ros.tta.xmuda_pl import class_confident_pseudo_labels
 
 NUM_CLASSES = 3
-LEARNING_METHODS = ('tent', 'tent_ens', 'xmuda', 'xmuda_pl', 'mmtta')
+LEARNING_METHODS = ('tent', 'tent_ens', 'xmuda', 'xmuda_pl', 'mmtta', 'latte', 'cbst', 'proda',
+                    'mic', 'ftd')
 # Large enough that every step visibly moves the norm parameters of the tiny model.
 FAST_LRS = {'lr_2d': 1e-2, 'lr_3d': 1e-2}
 
@@ -47,35 +49,81 @@ class TinyInput:
 
 @dataclass
 class TinyOutput:
-    """Same fields as SegmenterOutput."""
+    """Same fields as SegmenterOutput (logits_fused: None without a fused head)."""
 
     logits_2d: torch.Tensor
     logits_3d: torch.Tensor
+    features_2d: Optional[torch.Tensor] = None
+    features_3d: Optional[torch.Tensor] = None
+    logits_fused: Optional[torch.Tensor] = None
 
     def probs_2d3d(self) -> torch.Tensor:
         """Mean of the two softmaxes."""
         return 0.5 * (self.logits_2d.softmax(1) + self.logits_3d.softmax(1))
 
 
+class TinyNet2D(nn.Sequential):
+    """conv + BN2d + ReLU + dropout (features), 1x1 conv (classifier), read at the pixels."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Dropout(0.4), nn.Conv2d(8, num_classes, 1))
+
+    def point_features(self, images, pixels, batch_index):
+        """<M, 8> features at the points' pixels, as Net2DSeg.point_features."""
+        feature_map = images
+        for layer in list(self)[:4]:
+            feature_map = layer(feature_map)
+        return feature_map[batch_index, :, pixels[:, 1], pixels[:, 0]]
+
+    def classifier(self, features):
+        """Apply the 1x1 conv to per-point features: <M, C>."""
+        head = self[4]
+        return nn.functional.linear(features, head.weight.flatten(1), head.bias)
+
+
+class TinyNet3D(nn.Sequential):
+    """MLP with BN1d on the points; point_features / classifier as Net3DSeg."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, num_classes))
+
+    def point_features(self, points, batch_index, batch_size):
+        """<M, 16> per-point features."""
+        return self[2](self[1](self[0](points)))
+
+    def classifier(self, features):
+        """<M, C> logits."""
+        return self[3](features)
+
+
 class TinyDualBranch(nn.Module):
     """2D: conv+BN2d+ReLU+dropout+conv read at the pixels; 3D: MLP with BN1d on the points."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, namespace_output: bool = False):
+    def __init__(self, num_classes: int = NUM_CLASSES, namespace_output: bool = False,
+                 fused_head: bool = True):
         super().__init__()
-        self.net_2d = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.4),
-            nn.Conv2d(8, num_classes, 1))
-        self.net_3d = nn.Sequential(
-            nn.Linear(3, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes))
+        self.net_2d = TinyNet2D(num_classes)
+        self.net_3d = TinyNet3D(num_classes)
+        # A linear fused head on both branches' features (ftd needs one; the rest ignore it).
+        self.fused_head = nn.Linear(8 + 16, num_classes) if fused_head else None
         self.namespace_output = namespace_output
 
     def forward(self, inputs: TinyInput):
-        feature_map = self.net_2d(inputs.images)
-        logits_2d = feature_map[inputs.batch_index, :, inputs.pixels[:, 1], inputs.pixels[:, 0]]
-        logits_3d = self.net_3d(inputs.points)
+        features_2d = self.net_2d.point_features(inputs.images, inputs.pixels,
+                                                 inputs.batch_index)
+        features_3d = self.net_3d.point_features(inputs.points, inputs.batch_index,
+                                                 inputs.images.shape[0])
+        logits_2d = self.net_2d.classifier(features_2d)
+        logits_3d = self.net_3d.classifier(features_3d)
         if self.namespace_output:
             return SimpleNamespace(logits_2d=logits_2d, logits_3d=logits_3d)
-        return TinyOutput(logits_2d, logits_3d)
+        logits_fused = None
+        if self.fused_head is not None:
+            logits_fused = self.fused_head(torch.cat([features_2d, features_3d], dim=1))
+        return TinyOutput(logits_2d, logits_3d, features_2d=features_2d,
+                          features_3d=features_3d, logits_fused=logits_fused)
 
 
 def make_batch(seed: int, frames: int = 2, points_per_frame: int = 48, height: int = 12,
@@ -583,7 +631,7 @@ def test_stats_are_plain_numbers(name):
     assert 0.0 < stats['entropy'] <= math.log(NUM_CLASSES) + 1e-6
     if name not in ('source', 'bn_stats'):
         assert math.isfinite(stats['loss'])
-    if name in ('xmuda_pl', 'mmtta'):
+    if name in ('xmuda_pl', 'mmtta', 'latte', 'cbst', 'proda'):
         assert 0.0 < stats['kept_ratio'] <= 1.0
 
 

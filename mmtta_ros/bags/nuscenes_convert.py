@@ -28,7 +28,8 @@ from rosbags.rosbag2 import Writer
 
 from mmtta_ros.bags.topics import (
     bag_typestore, BagTopics, BASE_FRAME, CAMERA_INFO_TYPE, CLOUD_TYPE, IMAGE_TYPE,
-    LABELS_LAYOUT, make_qos, NO_LABEL, ns_to_sec_nanosec, SENSOR_QOS, TF_STATIC_QOS, TF_TYPE)
+    LABELS_LAYOUT, NO_LABEL, ns_to_sec_nanosec, ODOM_FRAME, SENSOR_QOS, TF_QOS,
+    TF_STATIC_QOS, TF_TYPE)
 from mmtta_ros.bags.writer import camera_info_message, cloud_message, STORAGES, tf_message
 from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.classes import CLASS_NAMES
@@ -42,11 +43,7 @@ CAMERA_CHANNEL = 'CAM_FRONT'
 # The converters' frame ids are the nuScenes channel names.
 LIDAR_FRAME = LIDAR_CHANNEL
 CAMERA_FRAME = CAMERA_CHANNEL
-# nuScenes ego poses are in a fixed world frame per log; ROS calls such a frame odom.
-ODOM_FRAME = 'odom'
 TF_TOPIC = '/tf'
-# What tf2_ros' TransformBroadcaster offers.
-TF_QOS = make_qos(reliable=True, transient_local=False, depth=100)
 NIGHT_KEYWORD = 'night'
 # xMUDA's day/night split (valeoai/xmuda, xmuda/data/nuscenes/splits.py): night scenes of
 # the official train set, less these 15 for validation, are train; the official val set's

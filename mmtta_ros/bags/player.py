@@ -8,6 +8,7 @@ QoS it was recorded with (best effort sensors, transient local /tf_static).
 """
 
 import importlib
+import time
 from typing import Dict, Optional
 
 from rclpy.node import Node
@@ -88,6 +89,25 @@ class BagPlayer(Node):
             raise ValueError(f'nothing to play in {bag_path}: {self.skipped or "no topics"}')
         # ros2 bag play's /clock: keep last 1; reliable also reaches best-effort subscribers.
         self._clock_publisher = self.create_publisher(Clock, '/clock', QoSProfile(depth=1))
+
+    def wait_for_subscribers(self, topics, timeout_s: float) -> list:
+        """
+        Wait until each of `topics` has a matched subscriber, at most `timeout_s` seconds.
+
+        Return the topics still without one. A volatile subscription misses what was
+        published before it matched, so a replay meant to be lossless waits for them.
+        """
+        unknown = sorted(set(topics) - set(self._topic_publishers))
+        if unknown:
+            raise ValueError(f'--wait-for: not played from this bag: {", ".join(unknown)}')
+        deadline = time.monotonic() + timeout_s
+        waiting = list(topics)
+        while waiting and time.monotonic() < deadline and self.context.ok():
+            waiting = [t for t in waiting
+                       if self._topic_publishers[t].get_subscription_count() == 0]
+            if waiting:
+                time.sleep(0.05)
+        return waiting
 
     def _publish(self, topic: str, raw: bytes) -> None:
         publisher = self._topic_publishers.get(topic)

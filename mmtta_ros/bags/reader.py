@@ -5,7 +5,15 @@ Images and sweeps are paired by the node's own pairing policy (`core.pairing`, b
 the same `SyncParams`), and each pair becomes a frame through the node's own decoding
 (`core.decode.frame_from_messages`), so a bag scored offline gives the frames the node
 would have processed. The reader keeps only the messages pairing still needs, so a bag of
-any length reads in bounded memory.
+any length reads in bounded memory (but for the ego poses, 8 numbers per /tf sample).
+
+Ego poses: where /tf carries odom -> base_link, a frame's T_odom_from_lidar is that pose
+interpolated at the sweep's stamp (the nuScenes devkit takes the ego pose at the
+sample_data stamp; the converter writes one at every such stamp, so there it is exact)
+composed with base_link -> LiDAR from /tf_static. Without them it is None. Likewise
+T_odom_from_cam: that pose interpolated at the image's stamp, composed with base_link ->
+camera (from /tf_static; with a T_cam_from_lidar override, base_link -> LiDAR and the
+override, so the compensated transform agrees with the override while the car stands).
 """
 
 from dataclasses import dataclass
@@ -17,9 +25,10 @@ import numpy as np
 from rosbags.rosbag2 import Reader
 
 from mmtta_ros.bags.topics import (
-    BagTopics, bag_typestore, CAMERA_FRAME, CLOUD_TYPE, LABELED_POINTS_TOPIC, LIDAR_FRAME,
-    RAW_IMAGE_TYPE, stamp_to_ns)
-from mmtta_ros.bags.transforms import build_tree, lookup_transform, TransformTree
+    BagTopics, bag_typestore, BASE_FRAME, CAMERA_FRAME, CLOUD_TYPE, LABELED_POINTS_TOPIC,
+    LIDAR_FRAME, ODOM_FRAME, RAW_IMAGE_TYPE, stamp_to_ns)
+from mmtta_ros.bags.transforms import (
+    add_poses, add_transforms, lookup_transform, PoseTrack, TransformTree)
 from mmtta_ros.core.builder import build_synchronizer
 from mmtta_ros.core.decode import frame_from_messages
 from mmtta_ros.core.errors import SensorDataError
@@ -27,7 +36,7 @@ from mmtta_ros.core.frame import Frame
 from mmtta_ros.core.pairing import MatchedSet
 from mmtta_ros.core.params import SyncParams
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, DecodedCloud
-from mmtta_ros.sensors.projection import check_transform
+from mmtta_ros.sensors.projection import check_transform, rigid_inverse
 
 PathLike = Union[str, Path]
 # Inputs of the pairing, as the node numbers them.
@@ -48,6 +57,11 @@ class ReaderStats:
     skipped_no_camera_info: pairs whose image came before any camera_info
     sweeps_without_labels:  sweeps of a bag with a labels topic that had no labels message
     rejected_messages:      messages that could not be decoded (SensorDataError)
+    frames_without_pose:    frames without T_odom_from_lidar (no odom -> base_link on /tf
+                            around the sweep's stamp, or no base_link -> LiDAR mount)
+    frames_without_camera_pose: frames without T_odom_from_cam (no odom -> base_link
+                            around the image's stamp, or no base_link -> camera mount);
+                            these are projected with the static transform
     """
 
     sweeps: int = 0
@@ -57,6 +71,8 @@ class ReaderStats:
     skipped_no_camera_info: int = 0
     sweeps_without_labels: int = 0
     rejected_messages: int = 0
+    frames_without_pose: int = 0
+    frames_without_camera_pose: int = 0
 
 
 def _bag_name(path: Path) -> str:
@@ -73,14 +89,16 @@ class BagFrameReader:
     def __init__(self, path: PathLike, *, topics: BagTopics = BagTopics(),
                  image_size: Optional[Tuple[int, int]] = (400, 225),
                  sync: SyncParams = SyncParams(),
-                 T_cam_from_lidar: Optional[np.ndarray] = None, window_s: float = 0.5):
+                 T_cam_from_lidar: Optional[np.ndarray] = None, window_s: float = 0.5,
+                 odom_frame: str = ODOM_FRAME, base_frame: str = BASE_FRAME):
         """
         Open nothing yet; check the arguments.
 
         image_size: (width, height) of the Frames' images (K scaled), None to keep the
         bag's size; sync: the pairing parameters (the node's); T_cam_from_lidar: <4, 4>
         override of the transform from /tf_static (or /tf); window_s: how far apart in
-        stamp camera_info and labels may be logged from their image and sweep, seconds.
+        stamp camera_info and labels may be logged from their image and sweep, seconds;
+        odom_frame, base_frame: the ego pose on /tf (odom_frame -> base_frame).
         """
         self.path = Path(path)
         if not self.path.exists():
@@ -95,10 +113,13 @@ class BagFrameReader:
         self.T_cam_from_lidar = (None if T_cam_from_lidar is None
                                  else check_transform(T_cam_from_lidar))
         self.sequence = _bag_name(self.path)
+        self.odom_frame, self.base_frame = str(odom_frame), str(base_frame)
         self.stats = ReaderStats()
         self.has_labels = False
         self._raw_image = False
         self._transforms: Dict[Tuple[str, str], np.ndarray] = {}
+        self._odometry = PoseTrack()
+        self._base_from_sensor: Dict[str, Optional[np.ndarray]] = {}
 
     def __iter__(self) -> Iterator[Frame]:
         """Frames in sweep order (see `frames`)."""
@@ -121,10 +142,9 @@ class BagFrameReader:
             self.has_labels = self.topics.labels in by_topic
             # The converters write compressed images, a raw camera driver sensor_msgs/Image.
             self._raw_image = by_topic[self.topics.image][0].msgtype == RAW_IMAGE_TYPE
-            tree = None
-            if self.T_cam_from_lidar is None:
-                tree = self._read_transforms(bag)
-            self._transforms = {}
+            tree, self._odometry = read_transforms(bag, self.topics, self.odom_frame,
+                                                   self.base_frame)
+            self._transforms, self._base_from_sensor = {}, {}
 
             roles = {}
             for role in ('image', 'camera_info', 'lidar', 'labels'):
@@ -156,9 +176,6 @@ class BagFrameReader:
             yield from self._build(ready + pairing.flush(), infos, labels, tree)
             self.stats.unpaired_sweeps = self.stats.sweeps - pairing.stats.matched[POINTS]
 
-    def _read_transforms(self, bag) -> TransformTree:
-        return transform_tree(bag, self.topics)
-
     def _build(self, pairs: List[MatchedSet], infos: '_RecentByStamp',
                labels: '_RecentByStamp', tree) -> Iterator[Frame]:
         for pair in pairs:
@@ -175,16 +192,53 @@ class BagFrameReader:
             # Outside the try: a missing transform is the whole bag's problem, not a message's.
             T = self._camera_from_lidar(str(image_msg.header.frame_id),
                                         str(cloud_msg.header.frame_id), tree)
+            lidar_frame = str(cloud_msg.header.frame_id)
+            T_odom_from_lidar = self._odom_from_sensor(lidar_stamp, lidar_frame, tree)
+            T_odom_from_cam = self._odom_from_camera(
+                image_stamp, str(image_msg.header.frame_id), lidar_frame, tree)
             try:
                 frame = frame_from_messages(
                     image_msg, info_msg, cloud_msg, T_cam_from_lidar=T,
                     image_size=self.image_size, raw_image=self._raw_image,
-                    labels_msg=labels_msg, sequence=self.sequence, index=self.stats.frames)
+                    labels_msg=labels_msg, sequence=self.sequence, index=self.stats.frames,
+                    T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam)
             except SensorDataError as error:
                 self._reject(error)
                 continue
             self.stats.frames += 1
+            self.stats.frames_without_pose += T_odom_from_lidar is None
+            self.stats.frames_without_camera_pose += T_odom_from_cam is None
             yield frame
+
+    def _odom_from_sensor(self, stamp_ns: int, sensor_frame: str,
+                          tree) -> Optional[np.ndarray]:
+        """T_odom_from_sensor at `stamp_ns`: the ego pose there and the sensor's mount."""
+        T_odom_from_base = self._odometry.at(stamp_ns)
+        if T_odom_from_base is None:
+            return None
+        T_base_from_sensor = self._base_from(sensor_frame, tree)
+        return None if T_base_from_sensor is None else T_odom_from_base @ T_base_from_sensor
+
+    def _odom_from_camera(self, stamp_ns: int, camera_frame: str, lidar_frame: str,
+                          tree) -> Optional[np.ndarray]:
+        if self.T_cam_from_lidar is None:
+            return self._odom_from_sensor(stamp_ns, camera_frame, tree)
+        # An override of the extrinsics: the camera mounted where the override puts it
+        # relative to the LiDAR, not where /tf_static says.
+        T_odom_from_lidar = self._odom_from_sensor(stamp_ns, lidar_frame, tree)
+        return (None if T_odom_from_lidar is None
+                else T_odom_from_lidar @ rigid_inverse(self.T_cam_from_lidar))
+
+    def _base_from(self, sensor_frame: str, tree) -> Optional[np.ndarray]:
+        if sensor_frame not in self._base_from_sensor:
+            try:
+                self._base_from_sensor[sensor_frame] = lookup_transform(
+                    tree, self.base_frame, sensor_frame)
+            except SensorDataError:
+                # The odometry is of no use without the mount; counted in frames_without_pose
+                # (LiDAR) or frames_without_camera_pose (camera).
+                self._base_from_sensor[sensor_frame] = None
+        return self._base_from_sensor[sensor_frame]
 
     def _reject(self, error: SensorDataError) -> None:
         self.stats.rejected_messages += 1
@@ -231,21 +285,40 @@ class _RecentByStamp:
         return self._items[min(self._items, key=lambda s: abs(s - stamp_ns))]
 
 
+def read_transforms(bag, topics: BagTopics = BagTopics(), odom_frame: str = ODOM_FRAME,
+                    base_frame: str = BASE_FRAME) -> Tuple[TransformTree, PoseTrack]:
+    """
+    Read the sensor mounts and the ego poses of an open bag in one pass over /tf and /tf_static.
+
+    Mounts: /tf in its first second, then /tf_static (static transforms win over /tf, whose
+    mounts some converters repeat every tick). Ego poses: every odom_frame -> base_frame
+    transform on /tf.
+    """
+    typestore = bag_typestore()
+    tf_ids = {c.id for c in bag.connections if c.topic == topics.tf}
+    static_ids = {c.id for c in bag.connections if c.topic == topics.tf_static}
+    connections = [c for c in bag.connections if c.id in tf_ids | static_ids]
+    mounts_from_tf, statics = [], []
+    odometry = PoseTrack()
+    if connections:
+        mounts_until = bag.start_time + 1_000_000_000
+        for connection, log_ns, raw in bag.messages(connections=connections):
+            msg = typestore.deserialize_cdr(raw, connection.msgtype)
+            if connection.id in static_ids:
+                statics.append(msg)
+                continue
+            add_poses(odometry, msg, odom_frame, base_frame)
+            if log_ns < mounts_until:
+                mounts_from_tf.append(msg)
+    tree: TransformTree = {}
+    for msg in mounts_from_tf + statics:
+        add_transforms(tree, msg)
+    return tree, odometry
+
+
 def transform_tree(bag, topics: BagTopics = BagTopics()) -> TransformTree:
     """Read the sensor mounts of an open bag: /tf in its first second, then /tf_static over it."""
-    typestore = bag_typestore()
-
-    def read(topic: str, stop: Optional[int] = None):
-        connections = [c for c in bag.connections if c.topic == topic]
-        if not connections:
-            return []
-        return [typestore.deserialize_cdr(raw, c.msgtype)
-                for c, _, raw in bag.messages(connections=connections, stop=stop)]
-
-    # Both are small: one pass over their connections before the sensors. Static
-    # transforms win over /tf, whose mounts some converters repeat every tick.
-    return build_tree(read(topics.tf, stop=bag.start_time + 1_000_000_000)
-                      + read(topics.tf_static))
+    return read_transforms(bag, topics)[0]
 
 
 def bag_calibration(path: PathLike, camera_frame: str = CAMERA_FRAME,

@@ -21,6 +21,9 @@ from mmtta_ros.sensors.stamps import ns_to_sec_nanosec, stamp_to_ns  # noqa: F40
 
 # Frame ids as the nuScenes converters write them.
 BASE_FRAME = 'base_link'
+# nuScenes ego poses are in a fixed world frame per log; ROS calls such a frame odom
+# (odom -> base_link on /tf).
+ODOM_FRAME = 'odom'
 LIDAR_FRAME = 'LIDAR_TOP'
 CAMERA_FRAME = 'CAM_FRONT'
 # Where the offline scorer writes its labeled output clouds.
@@ -64,6 +67,8 @@ def make_qos(reliable: bool, transient_local: bool, depth: int) -> Qos:
 SENSOR_QOS = make_qos(reliable=False, transient_local=False, depth=5)
 # What tf2_ros' StaticTransformBroadcaster offers: late joiners still get the transforms.
 TF_STATIC_QOS = make_qos(reliable=True, transient_local=True, depth=1)
+# What tf2_ros' TransformBroadcaster offers (/tf).
+TF_QOS = make_qos(reliable=True, transient_local=False, depth=100)
 # Results for RViz, which subscribes reliable by default.
 RESULT_QOS = make_qos(reliable=True, transient_local=False, depth=10)
 

@@ -24,7 +24,8 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from mmtta_ros.bags.topics import (
     bag_typestore, BagTopics, BASE_FRAME, CAMERA_FRAME, CAMERA_INFO_TYPE, CLOUD_TYPE,
     IMAGE_TYPE, LABELED_POINTS_TOPIC, LABELS_LAYOUT, labels_to_wire, LIDAR_FRAME,
-    matrix_to_quaternion, ns_to_sec_nanosec, RESULT_QOS, SENSOR_QOS, TF_STATIC_QOS, TF_TYPE)
+    matrix_to_quaternion, ns_to_sec_nanosec, ODOM_FRAME, RESULT_QOS, SENSOR_QOS, TF_QOS,
+    TF_STATIC_QOS, TF_TYPE)
 from mmtta_ros.sensors.image import resize_image
 from mmtta_ros.sensors.pointcloud import (
     CloudLayout, LabeledCloudBuffer, make_pointcloud2, NUSCENES_LAYOUT)
@@ -207,7 +208,7 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
                    storage: str = 'mcap', jpeg_quality: int = 90,
                    lidar_azimuth_steps: Optional[int] = None,
                    latency_ms: Tuple[float, float] = (1.0, 6.0),
-                   topics: BagTopics = BagTopics(), workers: int = 1,
+                   topics: BagTopics = BagTopics(), workers: int = 1, with_tf: bool = False,
                    progress: Optional[Callable[[int, int], None]] = None) -> DemoBagSummary:
     """
     Write a synthetic drive as a rosbag2 bag (mcap or sqlite3) and return what was written.
@@ -218,6 +219,8 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
     ~5 us a pixel here, 2 s an 800x450 image); None renders at image_size.
     latency_ms: (min, max) of the uniform, seeded delay from a header stamp to its log time.
     workers: processes that render (the bag is the same for any number).
+    with_tf: also write the ego pose, odom -> base_link on /tf, at every sensor stamp (as
+    the nuScenes converter does with the ego pose of each sample_data).
     progress: called as progress(sweeps_written, num_sweeps).
     """
     started = time.perf_counter()
@@ -233,6 +236,8 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
     config = SequenceConfig(domain=domain, seed=int(seed), num_frames=num_sweeps,
                             image_size=render_size, lidar_azimuth_steps=lidar_azimuth_steps)
     samples = sensor_samples(config, workers)
+    # The trajectory alone (no rendering): the ego poses for /tf.
+    trajectory = SyntheticSequence(config) if with_tf else None
     rng = np.random.default_rng([int(seed), 0xBA6])  # latency only: the scene has its own keys
     typestore = bag_typestore()
     summary = DemoBagSummary(path=Path(path), storage=storage, num_sweeps=0, num_images=0)
@@ -257,6 +262,9 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
                 topics.labels, CLOUD_TYPE, typestore=typestore,
                 offered_qos_profiles=[SENSOR_QOS]),
         }
+        if with_tf:
+            connections[topics.tf] = writer.add_connection(
+                topics.tf, TF_TYPE, typestore=typestore, offered_qos_profiles=[TF_QOS])
         # Messages wait here until no later sample can get an earlier log time, so the bag
         # is in log-time order, as a recorder writes it. Entries: (log time, order, topic, msg).
         queue = []
@@ -285,6 +293,10 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
             # A driver's messages leave through one queue: jitter never reorders a topic.
             log_ns = max(stamp + int(rng.uniform(low_ms, high_ms) * 1e6), last_log_ns[is_camera])
             last_log_ns[is_camera] = log_ns
+            if with_tf:
+                # Odometry at the sensor's stamp, logged with the sensor's message.
+                push(log_ns, topics.tf, tf_message(
+                    [(ODOM_FRAME, BASE_FRAME, trajectory.ego_pose(stamp))], stamp))
             if is_camera:
                 image, K = resize_image(sample.image, sample.K, image_size)
                 # camera_info first: a reader that pairs by stamp has K when the image comes.

@@ -13,21 +13,41 @@ import torch
 from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.frame import Frame
 from mmtta_ros.models.segmenter import SegmenterInput
-from mmtta_ros.sensors.projection import project_points, Projection
+from mmtta_ros.sensors.projection import (
+    ego_motion_cam_from_lidar, project_points, Projection)
 
 
-def project_frame(frame: Frame, min_depth: float = 1.0) -> Projection:
-    """Project a frame's LiDAR points into its image."""
-    return project_points(frame.points_lidar, frame.T_cam_from_lidar, frame.K,
+def camera_from_lidar(frame: Frame, ego_motion: bool = False) -> np.ndarray:
+    """
+    Return the LiDAR -> camera transform <np.float64: 4, 4> to project `frame` with.
+
+    ego_motion and both poses known (T_odom_from_lidar at the sweep's stamp,
+    T_odom_from_cam at the image's): the transform across the car's motion between the
+    two stamps (`sensors.projection.ego_motion_cam_from_lidar`); else the static
+    frame.T_cam_from_lidar.
+    """
+    if ego_motion and frame.T_odom_from_lidar is not None and frame.T_odom_from_cam is not None:
+        return ego_motion_cam_from_lidar(frame.T_odom_from_lidar, frame.T_odom_from_cam)
+    return frame.T_cam_from_lidar
+
+
+def project_frame(frame: Frame, min_depth: float = 1.0, ego_motion: bool = False) -> Projection:
+    """
+    Project a frame's LiDAR points into its image (see camera_from_lidar for ego_motion).
+
+    The one projection of frames: the pipeline (node, scorer, suite) passes its
+    calibration.ego_motion; training and other callers keep the static transform.
+    """
+    return project_points(frame.points_lidar, camera_from_lidar(frame, ego_motion), frame.K,
                           frame.image_size, min_depth=min_depth)
 
 
 def frames_to_input(frames: Sequence[Frame], device: torch.device, min_depth: float = 1.0,
-                    projections: Optional[Sequence[Projection]] = None
-                    ) -> Tuple[SegmenterInput, List[np.ndarray]]:
+                    projections: Optional[Sequence[Projection]] = None,
+                    ego_motion: bool = False) -> Tuple[SegmenterInput, List[np.ndarray]]:
     """Stack the in-view points of frames into one SegmenterInput (projecting if not given)."""
     if projections is None:
-        projections = [project_frame(frame, min_depth) for frame in frames]
+        projections = [project_frame(frame, min_depth, ego_motion) for frame in frames]
     in_view_masks = [projection.in_view for projection in projections]
     pixels_list = [projection.pixels for projection in projections]
     inputs = make_segmenter_input(list(frames), in_view_masks, pixels_list, device)
@@ -42,7 +62,8 @@ def make_segmenter_input(frames: Sequence[Frame], in_view_masks: Sequence[np.nda
     frames:        B frames whose images all have the same size
     in_view_masks: per frame <bool: N> points that project into the image
     pixels_list:   per frame <float32: N, 2> projected (u, v), pixel centres at integers
-    Pixels are rounded to the nearest pixel and clipped into the image. Raises
+    Pixels are rounded to the nearest pixel and clipped into the image. The frames' poses
+    T_odom_from_lidar become <float64: B, 4, 4>, or None when any frame lacks one. Raises
     SensorDataError (a ValueError) for mismatched sizes or shapes.
     """
     if not frames:
@@ -78,10 +99,34 @@ def make_segmenter_input(frames: Sequence[Frame], in_view_masks: Sequence[np.nda
                             [p.shape[0] for p in points_kept])
     images = np.stack([frame.image for frame in frames])
     # Move the uint8 images and convert there: 4x less to copy to a GPU.
-    images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
+    images = _to_device(images, device).permute(0, 3, 1, 2).float().div(255)
     return SegmenterInput(
         images=images.contiguous(),
-        pixels=torch.from_numpy(np.concatenate(pixels_kept).astype(np.int64)).to(device),
-        batch_index=torch.from_numpy(batch_index).to(device),
-        points=torch.from_numpy(np.concatenate(points_kept).astype(np.float32)).to(device),
+        pixels=_to_device(np.concatenate(pixels_kept).astype(np.int64), device),
+        batch_index=_to_device(batch_index, device),
+        points=_to_device(np.concatenate(points_kept).astype(np.float32), device),
+        T_odom_from_lidar=_batch_poses(frames, device),
     )
+
+
+def _to_device(array: np.ndarray, device) -> torch.Tensor:
+    """Return `array` on `device`; to a GPU from page-locked memory, without a host sync."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type != 'cuda':
+        return tensor.to(device)
+    # A pinned source lets the copy run asynchronously on the stream; the kernels that
+    # read it are queued behind it, so nothing waits on the host.
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _batch_poses(frames: Sequence[Frame], device) -> Optional[torch.Tensor]:
+    """Return <float64: B, 4, 4> the frames' T_odom_from_lidar, None if any frame has none."""
+    poses = [frame.T_odom_from_lidar for frame in frames]
+    if any(pose is None for pose in poses):
+        return None
+    for i, pose in enumerate(poses):
+        if np.shape(pose) != (4, 4) or not np.isfinite(pose).all():
+            raise SensorDataError(f'frame {i}: T_odom_from_lidar must be a finite 4 x 4 '
+                                  f'matrix, got shape {np.shape(pose)}')
+    # float64: odometry coordinates run to kilometres, where float32 keeps only millimetres.
+    return _to_device(np.stack(poses).astype(np.float64), device)

@@ -16,9 +16,11 @@ from mmtta_ros.core.checkpoint import load_model_checkpoint
 from mmtta_ros.core.pairing import ApproximateSynchronizer
 from mmtta_ros.core.params import PipelineParams, SyncParams
 from mmtta_ros.core.pipeline import Pipeline
-from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
-from mmtta_ros.tta import build_method, CollapseGuard
+from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig, SegmenterInput
+from mmtta_ros.tta import build_method, CollapseGuard, METHODS, NormAdaptationMethod
 from mmtta_ros.tta.fallback import SourceFallback
+from mmtta_ros.tta.source_branch import SourceBranch
+from mmtta_ros.tta.supervision import LabelReplay
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,16 +82,31 @@ def build_pipeline(params: PipelineParams, *, model: Optional[torch.nn.Module] =
         guard = CollapseGuard(max_dominant_fraction=adaptation.max_dominant_fraction,
                               patience=adaptation.patience)
     source_copy = None
-    if adaptation.fallback and adaptation.method != 'source':
+    wrapped = adaptation.method != 'source' and (adaptation.fallback
+                                                 or adaptation.source_branch != 'none')
+    if wrapped:
         source_copy = copy.deepcopy(model)  # before the method configures the model
     method = build_method(adaptation.method, model, collapse_guard=guard,
                           **dict(adaptation.hyperparameters))
-    if source_copy is not None:
+    labels = params.labels
+    if labels.enabled:
+        if not isinstance(method, NormAdaptationMethod):
+            learners = [name for name, cls in METHODS.items()
+                        if issubclass(cls, NormAdaptationMethod)]
+            raise ValueError(f'labels.mode {labels.mode} needs a method that learns by '
+                             f'gradient ({", ".join(learners)}); {adaptation.method} does not')
+        method.use_supervision(LabelReplay(capacity=labels.replay_frames, lr_2d=labels.lr_2d,
+                                           lr_3d=labels.lr_3d, input_type=SegmenterInput))
+    if adaptation.fallback and source_copy is not None:
         method = SourceFallback(method, source_copy, margin=adaptation.fallback_margin,
                                 smoothing=adaptation.fallback_smoothing)
+    if adaptation.source_branch != 'none' and source_copy is not None:
+        # Both wrappers only read the frozen copy: one copy serves both.
+        method = SourceBranch(method, source_copy, branch=adaptation.source_branch)
     return Pipeline(method, device, batch_frames=adaptation.batch_frames,
                     min_depth=params.model.min_depth, image_size=params.model.image_size,
-                    inputs=params.inputs, output=params.output)
+                    inputs=params.inputs, output=params.output,
+                    precision=params.model.precision, keep_features=labels.mode == 'point')
 
 
 def build_synchronizer(params: SyncParams) -> ApproximateSynchronizer:

@@ -42,13 +42,17 @@ def labels_from_message(labels_msg, valid_mask: Optional[np.ndarray] = None) -> 
 def frame_from_messages(image_msg, info_msg, cloud_msg, *,
                         T_cam_from_lidar: Optional[np.ndarray],
                         image_size: Optional[Tuple[int, int]], raw_image: bool = False,
-                        labels_msg=None, sequence: str = '', index: int = 0) -> Frame:
+                        labels_msg=None, sequence: str = '', index: int = 0,
+                        T_odom_from_lidar: Optional[np.ndarray] = None,
+                        T_odom_from_cam: Optional[np.ndarray] = None) -> Frame:
     """
     Decode one matched set into a Frame; SensorDataError says what is wrong with it.
 
     T_cam_from_lidar: <4, 4> LiDAR -> camera; image_size: (width, height) the image is
     resized to (K scaled alike), None keeps it; raw_image: sensor_msgs/Image rather than
-    CompressedImage; labels_msg: optional ground truth aligned with the cloud.
+    CompressedImage; labels_msg: optional ground truth aligned with the cloud;
+    T_odom_from_lidar: <4, 4> ego pose of the LiDAR at the sweep's stamp, if known;
+    T_odom_from_cam: <4, 4> pose of the camera at the image's stamp, if known.
     """
     if info_msg is None:
         raise SensorDataError('no camera_info received yet: cannot project points')
@@ -69,4 +73,9 @@ def frame_from_messages(image_msg, info_msg, cloud_msg, *,
         intensity=(None if intensity is None
                    else np.array(intensity, dtype=np.float32).reshape(-1)),
         labels=labels, lidar_frame_id=str(cloud_msg.header.frame_id),
-        sequence=sequence, index=index)
+        sequence=sequence, index=index,
+        T_odom_from_lidar=_pose(T_odom_from_lidar), T_odom_from_cam=_pose(T_odom_from_cam))
+
+
+def _pose(T: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    return None if T is None else np.array(T, dtype=np.float64)

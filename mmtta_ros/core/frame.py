@@ -29,6 +29,13 @@ class Frame:
     lidar_frame_id:   the LiDAR's frame_id (output clouds are published in it)
     sequence:         name of the sequence / scene the frame comes from
     index:            position of the frame in that sequence
+    T_odom_from_lidar: <np.float64: 4, 4> pose of the LiDAR at `stamp_lidar_ns` in a fixed
+                      odometry frame (maps LiDAR-frame points into odom), or None where
+                      the source has no ego pose (the live node without tf2_ros)
+    T_odom_from_cam:  <np.float64: 4, 4> pose of the camera (optical frame) at
+                      `stamp_image_ns` in the same odometry frame, or None where unknown;
+                      with T_odom_from_lidar it compensates the ego motion between the two
+                      stamps (`core.batching.camera_from_lidar`)
     """
 
     image: np.ndarray
@@ -42,6 +49,8 @@ class Frame:
     lidar_frame_id: str = 'lidar'
     sequence: str = ''
     index: int = 0
+    T_odom_from_lidar: Optional[np.ndarray] = None
+    T_odom_from_cam: Optional[np.ndarray] = None
 
     @property
     def image_size(self) -> Tuple[int, int]:

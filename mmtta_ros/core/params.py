@@ -87,6 +87,10 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('device', 'auto', 'auto (CUDA when available), cuda or cpu',
               choices=('auto', 'cuda', 'cpu'), read_only=True),
     ParamSpec('threads', 0, 'torch CPU threads (0: torch default)', 0, 256, read_only=True),
+    ParamSpec('model.precision', 'fp32', 'arithmetic of the forward passes (prediction and '
+              'adaptation): fp32, or bf16 autocast (the 2D branch and the heads; the sparse 3D '
+              'branch stays fp32); bf16 needs no loss scaling, fp16 would',
+              choices=('fp32', 'bf16'), read_only=True),
     ParamSpec('min_depth', 1.0, 'points closer to the camera than this (m) are not labeled', 0.0,
               100.0, read_only=True),
     # Adaptation (the chosen method's own parameters are generated below).
@@ -101,9 +105,48 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               'adapted agreement may lag the source\'s', 0.0, 1.0, read_only=True),
     ParamSpec('adaptation.fallback_smoothing', 0.1, 'fallback: EMA weight of the newest frame '
               'in both agreements', 0.001, 1.0, read_only=True),
+    ParamSpec('adaptation.source_branch', 'none', 'publish this branch\'s prediction from the '
+              'frozen source model while the method adapts both (none, 2d, 3d; see '
+              'tta/source_branch.py)', choices=('none', '2d', '3d'), read_only=True),
+    # Labels only if required (LabOR): requests out, answered points in (core/labels.py).
+    ParamSpec('labels.mode', 'none', 'ask for labels: none, point (LabOR PPL: within the '
+              'points where 2D and 3D disagree, those nearest their class prototype), '
+              'segment (LabOR SPL: the disagreement region, least confident first) or random '
+              '(the control)', choices=('none', 'point', 'segment', 'random'), read_only=True),
+    ParamSpec('labels.request_every', 1, 'ask on every N-th labeled frame', 1, 100000,
+              read_only=True),
+    ParamSpec('labels.budget', 40, 'points asked per request (at most)', 1, 1000000,
+              read_only=True),
+    ParamSpec('labels.lr_2d', 6e-3, 'learning rate of the step on answered points, 2D '
+              'batch-norm affine parameters (AdamW; after the method\'s own step)', 1e-12, 1.0,
+              read_only=True),
+    ParamSpec('labels.lr_3d', 1e-2, 'learning rate of the step on answered points, 3D '
+              'batch-norm affine parameters (Adam)', 1e-12, 1.0, read_only=True),
+    ParamSpec('labels.replay_frames', 4, 'answered frames kept and replayed at each '
+              'adaptation step (the oldest go first)', 1, 64, read_only=True),
+    ParamSpec('labels.history', 20, 'requested sweeps kept to match answers with; an answer '
+              'to an older one is rejected', 1, 1000, read_only=True),
+    ParamSpec('labels.stamp_tolerance', 0.001, 'an answer matches a requested sweep stamped '
+              'this close (s)', 0.0, 10.0, read_only=True),
+    ParamSpec('labels.distance_tolerance', 0.05, 'an answered point matches the sweep\'s '
+              'nearest in-view point this close (m); farther ones are rejected', 0.0, 100.0,
+              read_only=True),
+    ParamSpec('labels.seed', 0, 'seed of the random selection', 0, 2**31 - 1, read_only=True),
     # Calibration and classes.
     ParamSpec('calibration.T_cam_from_lidar', [0.0], 'LiDAR->camera transform: 16 numbers '
               '(4x4 row-major) or 7 (x y z qx qy qz qw)', read_only=True),
+    ParamSpec('calibration.ego_motion', True, 'compensate the car\'s motion between the '
+              'sweep\'s and the image\'s stamps (the nuScenes devkit\'s chain through the two '
+              'ego poses); acts only where both poses are known (TF with tf2_ros, a bag\'s '
+              'odom -> base_link on /tf, the generator), else the static transform is used',
+              read_only=True),
+    ParamSpec('calibration.use_tf', True, 'where tf2_ros is importable, look up camera frame '
+              '<- LiDAR frame (the messages\' frame ids) and both ego poses in TF; '
+              'calibration.T_cam_from_lidar is the fallback', read_only=True),
+    ParamSpec('calibration.tf_timeout', 0.05, 'seconds a TF lookup waits for its transform',
+              0.0, 10.0, read_only=True),
+    ParamSpec('calibration.odom_frame', 'odom', 'fixed frame of the ego poses in TF '
+              '(odom -> base_link)', read_only=True),
     ParamSpec('classes.names', list(CLASS_NAMES), 'class names, in the model\'s output order',
               read_only=True),
     ParamSpec('classes.palette', [int(v) for v in CLASS_PALETTE.reshape(-1)],
@@ -223,6 +266,7 @@ class ModelParams:
     device: str = 'auto'
     threads: int = 0
     image_size: Tuple[int, int] = (400, 225)  # (width, height) the 2D branch sees
+    precision: str = 'fp32'  # fp32 | bf16 (autocast)
     min_depth: float = 1.0
     class_names: Tuple[str, ...] = CLASS_NAMES
 
@@ -237,6 +281,7 @@ class AdaptationParams:
     fallback: bool = False
     fallback_margin: float = 0.0
     fallback_smoothing: float = 0.1
+    source_branch: str = 'none'
     collapse_guard: bool = True
     max_dominant_fraction: float = 0.95
     patience: int = 10
@@ -259,6 +304,31 @@ class InputParams:
     T_cam_from_lidar: Optional[np.ndarray] = None  # <float64: 4, 4>, None: not given
     reliable: bool = False  # subscription QoS: reliable, else best effort
     depth: int = 5          # subscription QoS: keep last this many
+    ego_motion: bool = True  # compensate ego motion where a frame has both poses
+    use_tf: bool = True      # extrinsics and ego poses from TF where tf2_ros is there
+    tf_timeout_s: float = 0.05
+    odom_frame: str = 'odom'
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    """Label requests and answers (core/labels.py); mode 'none' changes nothing."""
+
+    mode: str = 'none'
+    request_every: int = 1
+    budget: int = 40
+    lr_2d: float = 6e-3
+    lr_3d: float = 1e-2
+    replay_frames: int = 4
+    history: int = 20
+    stamp_tolerance_s: float = 0.001
+    distance_tolerance_m: float = 0.05
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Return whether labels are requested and used."""
+        return self.mode != 'none'
 
 
 @dataclass(frozen=True)
@@ -269,6 +339,7 @@ class PipelineParams:
     adaptation: AdaptationParams = AdaptationParams()
     output: OutputParams = OutputParams()
     inputs: InputParams = InputParams()
+    labels: LabelParams = LabelParams()
 
 
 @dataclass(frozen=True)
@@ -344,11 +415,13 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
             checkpoint=v['model.checkpoint'], size=v['model.size'], device=v['device'],
             threads=v['threads'],
             image_size=(int(v['model.image_width']), int(v['model.image_height'])),
-            min_depth=v['min_depth'], class_names=tuple(v['classes.names'])),
+            min_depth=v['min_depth'], class_names=tuple(v['classes.names']),
+            precision=v['model.precision']),
         adaptation=AdaptationParams(
             method=method, batch_frames=v['adaptation.batch_frames'],
             fallback=v['adaptation.fallback'], fallback_margin=v['adaptation.fallback_margin'],
             fallback_smoothing=v['adaptation.fallback_smoothing'],
+            source_branch=v['adaptation.source_branch'],
             hyperparameters={name[len(prefix):]: value for name, value in v.items()
                              if name.startswith(prefix)},
             collapse_guard=v['reset.collapse_guard'],
@@ -357,7 +430,12 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
         output=output_params(v),
         inputs=InputParams(raw_image=v['image_transport'] == 'raw',
                            T_cam_from_lidar=None if T == [0.0] else parse_extrinsics(T),
-                           reliable=v['inputs.reliable'], depth=v['inputs.depth']))
+                           reliable=v['inputs.reliable'], depth=v['inputs.depth'],
+                           ego_motion=v['calibration.ego_motion'],
+                           use_tf=v['calibration.use_tf'],
+                           tf_timeout_s=v['calibration.tf_timeout'],
+                           odom_frame=v['calibration.odom_frame']),
+        labels=label_params(v))
     return NodeParams(
         pipeline=pipeline,
         sync=SyncParams(slop_s=v['sync.slop'], queue_size=v['sync.queue_size'],
@@ -373,6 +451,17 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
         max_image_pixels=v['max_image_pixels'],
         diagnostics_period_s=v['diagnostics_period'],
         reset_on_time_jump=v['reset.on_time_jump'])
+
+
+def label_params(values: Mapping[str, Any]) -> LabelParams:
+    """Return the label-request settings of checked `values`."""
+    return LabelParams(
+        mode=values['labels.mode'], request_every=values['labels.request_every'],
+        budget=values['labels.budget'], lr_2d=values['labels.lr_2d'],
+        lr_3d=values['labels.lr_3d'],
+        replay_frames=values['labels.replay_frames'], history=values['labels.history'],
+        stamp_tolerance_s=values['labels.stamp_tolerance'],
+        distance_tolerance_m=values['labels.distance_tolerance'], seed=values['labels.seed'])
 
 
 def output_params(values: Mapping[str, Any]) -> OutputParams:

@@ -7,13 +7,15 @@ reset, save/load, output packing and palette are the same online and offline, so
 is scored offline is what the node publishes.
 """
 
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, fields, replace
 import threading
 import time
-from typing import Optional, Tuple
+from typing import Any, Deque, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mmtta_ros.core.batching import frames_to_input, project_frame
 from mmtta_ros.core.classes import IGNORE_INDEX
@@ -29,6 +31,8 @@ from mmtta_ros.viz.overlay import draw_points
 
 # Fewer in-view points than this and a frame is rejected (see Pipeline.process).
 MIN_POINTS_IN_VIEW = 64
+# Arithmetic of the forward passes (model.precision).
+PRECISIONS = ('fp32', 'bf16')
 
 
 @dataclass
@@ -47,6 +51,8 @@ class FrameOutput:
     cloud:          the labeled cloud to publish (LiDAR frame, the sweep's stamp)
     overlay:        <np.uint8: H, W, 3> the image with labeled points, or None
     step_seconds:   time of the step (projection, model, adaptation), without packing
+    features:       <np.float32: M, F> per in-view point (2D and 3D features, each of
+                    unit length, side by side), kept only for label requests, else None
     """
 
     frame: Frame
@@ -60,6 +66,7 @@ class FrameOutput:
     cloud: Optional[LabeledCloudBuffer] = None
     overlay: Optional[np.ndarray] = None
     step_seconds: float = 0.0
+    features: Optional[np.ndarray] = None
 
     def labels_full(self) -> np.ndarray:
         """Return <np.int64: N> 2D+3D class per input point, IGNORE_INDEX out of view."""
@@ -88,19 +95,32 @@ class Pipeline:
     method adapts once per call and the prediction returned is the one for the newest
     frame of the batch. One lock serialises everything that touches the adapted state
     (process, reset, save, load), so a service call never sees half a step.
+    keep_features: put per-point features in each FrameOutput (label requests need them).
+    Answered labels (`add_supervision`, from any thread) wait in a short queue and join
+    the method's label replay at the start of the next adaptation step.
     """
 
     def __init__(self, method, device: torch.device, *, batch_frames: int = 1,
                  min_depth: float = 1.0, image_size: Optional[Tuple[int, int]] = None,
-                 inputs: InputParams = InputParams(), output: OutputParams = OutputParams()):
+                 inputs: InputParams = InputParams(), output: OutputParams = OutputParams(),
+                 precision: str = 'fp32', keep_features: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {sorted(PRECISIONS)}, got {precision!r}')
         self.method = method
         self.device = torch.device(device)
+        self.precision = precision
         self.min_depth = float(min_depth)
         self.image_size = None if image_size is None else (int(image_size[0]),
                                                            int(image_size[1]))
         self.inputs = inputs
         self.output = output
+        self.keep_features = bool(keep_features)
         self._lock = threading.Lock()
+        replay = getattr(method, 'supervision', None)
+        # More answers than the replay holds would push each other out before any step.
+        self._answers: Deque[Tuple[Frame, np.ndarray, np.ndarray]] = deque(
+            maxlen=replay.capacity if replay is not None else 1)
+        self._answers_lock = threading.Lock()
         # Frames with their projections, so each frame is projected once however many
         # windows it takes part in.
         self._window: FrameWindow[Tuple[Frame, Projection]] = FrameWindow(batch_frames)
@@ -112,13 +132,22 @@ class Pipeline:
 
     # --- frames ------------------------------------------------------------------------
     def frame_from_messages(self, image_msg, info_msg, cloud_msg, labels_msg=None,
-                            T_cam_from_lidar: Optional[np.ndarray] = None) -> Frame:
-        """Decode a matched set with this pipeline's image size and calibration."""
+                            T_cam_from_lidar: Optional[np.ndarray] = None,
+                            T_odom_from_lidar: Optional[np.ndarray] = None,
+                            T_odom_from_cam: Optional[np.ndarray] = None) -> Frame:
+        """
+        Decode a matched set with this pipeline's image size and calibration.
+
+        T_cam_from_lidar: <4, 4> (from TF), else calibration.T_cam_from_lidar;
+        T_odom_from_lidar, T_odom_from_cam: <4, 4> ego poses at the sweep's and the
+        image's stamps, where known (see Frame).
+        """
         return frame_from_messages(
             image_msg, info_msg, cloud_msg, labels_msg=labels_msg,
             T_cam_from_lidar=(self.inputs.T_cam_from_lidar if T_cam_from_lidar is None
                               else T_cam_from_lidar),
-            image_size=self.image_size, raw_image=self.inputs.raw_image)
+            image_size=self.image_size, raw_image=self.inputs.raw_image,
+            T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam)
 
     def process_messages(self, image_msg, info_msg, cloud_msg) -> FrameOutput:
         """Decode and process one matched set (SensorDataError for bad input)."""
@@ -151,7 +180,9 @@ class Pipeline:
 
     def _run(self, frame: Frame, adapt: bool) -> FrameOutput:
         started = time.perf_counter()
-        projection = project_frame(frame, self.min_depth)
+        # The one place frames are projected online and offline: ego motion compensated
+        # where inputs.ego_motion asks for it and the frame has both poses.
+        projection = project_frame(frame, self.min_depth, ego_motion=self.inputs.ego_motion)
         in_view = int(np.count_nonzero(projection.in_view))
         if in_view < MIN_POINTS_IN_VIEW:
             raise SensorDataError(
@@ -159,29 +190,41 @@ class Pipeline:
                 f'{MIN_POINTS_IN_VIEW}): camera covered, or T_cam_from_lidar / K wrong?')
         with self._lock:
             if adapt:
+                self._take_answers()
                 frames, projections = zip(*self._window.push((frame, projection)))
             else:
                 frames, projections = (frame,), (projection,)
             inputs, in_view_masks = frames_to_input(frames, self.device,
                                                     projections=projections)
-            if adapt:
-                prediction = self.method.step(inputs)
-                stats = dict(getattr(self.method, 'stats', {}) or {})
-            else:
-                prediction, stats = self.method.predict(inputs), {}
+            with self._autocast():
+                if adapt:
+                    prediction = self.method.step(inputs)
+                    stats = dict(getattr(self.method, 'stats', {}) or {})
+                else:
+                    prediction, stats = self.method.predict(inputs), {}
         newest = inputs.batch_index == len(frames) - 1
+        if self.precision != 'fp32':
+            prediction = _float32(prediction)
         with torch.no_grad():
             probs = prediction.probs_2d3d()[newest]
             confidence, labels = probs.max(dim=1)
             labels_2d = prediction.logits_2d[newest].argmax(dim=1)
             labels_3d = prediction.logits_3d[newest].argmax(dim=1)
+            features = (_numpy(point_features(prediction, newest)) if self.keep_features
+                        else None)
         output = FrameOutput(
             frame=frame, in_view=in_view_masks[-1],
             prediction_2d=_numpy(labels_2d), prediction_3d=_numpy(labels_3d),
             prediction=_numpy(labels), confidence=_numpy(confidence).astype(np.float32),
-            pixels=_numpy(inputs.pixels[newest]).astype(np.float32), stats=stats)
+            pixels=_numpy(inputs.pixels[newest]).astype(np.float32), stats=stats,
+            features=features)
         output.step_seconds = time.perf_counter() - started
         return self._pack(output)
+
+    def _autocast(self):
+        """Return the autocast context of `precision` (a no-op for fp32)."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == 'bf16')
 
     def _pack(self, output: FrameOutput) -> FrameOutput:
         """Add the labeled cloud and the overlay, as the output settings say."""
@@ -204,12 +247,47 @@ class Pipeline:
         """Change output settings at run time (include_out_of_view, publish_overlay)."""
         self.output = replace(self.output, **changes)
 
+    # --- answered labels ---------------------------------------------------------------
+    def add_supervision(self, frame: Frame, point_index: np.ndarray, labels: np.ndarray
+                        ) -> None:
+        """
+        Queue labeled points of a frame for the method's label replay (any thread).
+
+        point_index: <int: L> indices into frame.points_lidar, all in view of the camera;
+        labels: <int: L> their classes. They join at the start of the next adaptation step.
+        """
+        if getattr(self.method, 'supervision', None) is None:
+            raise ValueError(f'{self.method_name} has no label replay: set labels.mode and '
+                             'use a method that learns by gradient')
+        point_index = np.asarray(point_index, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        if point_index.shape != labels.shape or point_index.ndim != 1:
+            raise ValueError(f'point_index {point_index.shape} and labels {labels.shape} '
+                             'must be the same (L,)')
+        with self._answers_lock:
+            self._answers.append((frame, point_index, labels))
+
+    def _take_answers(self) -> None:
+        """Move queued answers into the method's replay (under the step lock)."""
+        with self._answers_lock:
+            answers, self._answers = list(self._answers), deque(maxlen=self._answers.maxlen)
+        for frame, point_index, labels in answers:
+            inputs, (in_view,) = frames_to_input([frame], self.device, self.min_depth)
+            kept = in_view[point_index]
+            if not kept.any():
+                continue
+            rows = (np.cumsum(in_view) - 1)[point_index[kept]]
+            self.method.supervision.add(inputs, torch.from_numpy(rows).to(self.device),
+                                        torch.from_numpy(labels[kept]).to(self.device))
+
     # --- adapted state -----------------------------------------------------------------
     def reset(self) -> None:
-        """Back to the source model, bit for bit, and an empty window."""
+        """Back to the source model, bit for bit, and an empty window (labels forgotten)."""
         with self._lock:
             self.method.reset()
             self._window.clear()
+            with self._answers_lock:
+                self._answers.clear()
 
     def reset_window(self) -> None:
         """Forget buffered frames (after a time jump: they belong to another stretch)."""
@@ -226,6 +304,29 @@ class Pipeline:
         with self._lock:
             self.method.load_state(path)
             self._window.clear()
+
+
+def _float32(prediction):
+    """Return a prediction dataclass with its floating-point tensors in float32."""
+    changes = {f.name: getattr(prediction, f.name).float() for f in fields(prediction)
+               if torch.is_tensor(getattr(prediction, f.name))
+               and getattr(prediction, f.name).is_floating_point()}
+    return replace(prediction, **changes)
+
+
+def point_features(prediction: Any, rows: torch.Tensor) -> torch.Tensor:
+    """
+    Return <float32: M, F> features of the selected points, for label-request prototypes.
+
+    The 2D and 3D features, each scaled to unit length (neither branch's scale dominates),
+    side by side; a prediction without features gives its 2D+3D class probabilities.
+    """
+    features_2d = getattr(prediction, 'features_2d', None)
+    features_3d = getattr(prediction, 'features_3d', None)
+    if torch.is_tensor(features_2d) and torch.is_tensor(features_3d):
+        return torch.cat([F.normalize(features_2d[rows].float(), dim=1),
+                          F.normalize(features_3d[rows].float(), dim=1)], dim=1)
+    return prediction.probs_2d3d()[rows]
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -28,7 +28,8 @@ class SplitPipeline:
         self.adapter = adapter
         self.predictor = Pipeline(
             copy.deepcopy(adapter.method), adapter.device, min_depth=adapter.min_depth,
-            image_size=adapter.image_size, inputs=adapter.inputs, output=adapter.output)
+            image_size=adapter.image_size, inputs=adapter.inputs, output=adapter.output,
+            keep_features=adapter.keep_features)
         self._exchange = threading.Lock()
         self._pending: Optional[Dict[str, torch.Tensor]] = None
         self.published = 0  # prediction states the adapter handed over
@@ -67,6 +68,10 @@ class SplitPipeline:
         output = self.adapter.process(frame)
         self._publish()
         return output.stats
+
+    def add_supervision(self, frame: Frame, point_index, labels) -> None:
+        """Queue answered labels for the adapter (Pipeline.add_supervision)."""
+        self.adapter.add_supervision(frame, point_index, labels)
 
     def _publish(self) -> None:
         state = self.adapter.prediction_state()

@@ -2,9 +2,12 @@
 Sequences of frames for training and scoring: generated, cached on disk, reloaded.
 
 The cache is a plain .npz (no pickle): images stacked, points concatenated with offsets.
+Files written before frames had ego poses lack `T_odom_from_lidar` and
+`T_odom_from_cam`; for synthetic sequences the poses are recomputed from the generator's
+trajectory at the stamps the file holds (no rendering), so those caches stay valid.
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import hashlib
 import json
 import os
@@ -26,6 +29,8 @@ def save_frames(path: PathLike, frames: Sequence[Frame]) -> None:
     counts = np.array([f.num_points for f in frames], dtype=np.int64)
     has_labels = all(f.labels is not None for f in frames)
     has_intensity = all(f.intensity is not None for f in frames)
+    has_poses = all(f.T_odom_from_lidar is not None for f in frames)
+    has_camera_poses = all(f.T_odom_from_cam is not None for f in frames)
     arrays = {
         'images': np.stack([f.image for f in frames]),
         'points_lidar': np.concatenate([f.points_lidar for f in frames]).astype(np.float32),
@@ -42,6 +47,12 @@ def save_frames(path: PathLike, frames: Sequence[Frame]) -> None:
         arrays['labels'] = np.concatenate([f.labels for f in frames]).astype(np.int64)
     if has_intensity:
         arrays['intensity'] = np.concatenate([f.intensity for f in frames]).astype(np.float32)
+    if has_poses:
+        arrays['T_odom_from_lidar'] = np.stack(
+            [f.T_odom_from_lidar for f in frames]).astype(np.float64)
+    if has_camera_poses:
+        arrays['T_odom_from_cam'] = np.stack(
+            [f.T_odom_from_cam for f in frames]).astype(np.float64)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(suffix='.npz', dir=path.parent)
@@ -75,8 +86,32 @@ def load_frames(path: PathLike) -> List[Frame]:
             lidar_frame_id=str(arrays['lidar_frame_id'][i]),
             sequence=str(arrays['sequence'][i]),
             index=int(arrays['index'][i]),
+            T_odom_from_lidar=(arrays['T_odom_from_lidar'][i]
+                               if 'T_odom_from_lidar' in arrays else None),
+            T_odom_from_cam=(arrays['T_odom_from_cam'][i]
+                             if 'T_odom_from_cam' in arrays else None),
         ))
     return frames
+
+
+def _with_generator_poses(frames: List[Frame], config) -> List[Frame]:
+    """Fill the poses of frames from a cache file older than poses, from the trajectory."""
+    from mmtta_ros.synth import SyntheticSequence
+
+    if all(frame.T_odom_from_lidar is not None and frame.T_odom_from_cam is not None
+           for frame in frames):
+        return frames
+    # Building the scene takes ~0.1 s; no sensor is simulated. The camera's pose is taken
+    # at the image stamp the file holds: the stamp the image was rendered at.
+    sequence = SyntheticSequence(config)
+    return [replace(frame,
+                    T_odom_from_lidar=(sequence.frame_pose(frame.index)
+                                       if frame.T_odom_from_lidar is None
+                                       else frame.T_odom_from_lidar),
+                    T_odom_from_cam=(sequence.camera_pose(frame.stamp_image_ns)
+                                     if frame.T_odom_from_cam is None
+                                     else frame.T_odom_from_cam))
+            for frame in frames]
 
 
 def synthetic_frames(configs: Iterable, cache_dir: Optional[PathLike] = None) -> List[Frame]:
@@ -98,7 +133,7 @@ def synthetic_frames(configs: Iterable, cache_dir: Optional[PathLike] = None) ->
         name = f'{config.domain}-s{config.seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz'
         path = Path(cache_dir) / name if cache_dir is not None else None
         if path is not None and path.is_file():
-            frames.extend(load_frames(path))
+            frames.extend(_with_generator_poses(load_frames(path), config))
             continue
         generated = list(generate_frames(config))
         if path is not None:

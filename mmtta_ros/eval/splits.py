@@ -5,7 +5,7 @@ Kept in one place so the trainer, the scorer, the demo and the README table agre
 Source (day) and target sequences never share a seed, so no scene is seen twice.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from mmtta_ros.synth import SequenceConfig
 
@@ -16,13 +16,27 @@ SOURCE_SEEDS = tuple(range(8))
 SOURCE_FRAMES, SOURCE_STRIDE = 30, 5
 TARGET_SEEDS = (100, 101, 102)
 TARGET_FRAMES, TARGET_STRIDE = 60, 2
+# Unlabeled target frames of offline UDA (`mmtta_train --uda`): their own seeds, never a
+# seed of labeled training (0-7), of `mmtta_evaluate` (100-102) or of a shift-suite stream
+# (segment k of stream s uses 10 * s + k: 1000-1603 for the streams 100-160).
+UDA_TARGET_SEEDS = tuple(range(200, 208))
 
 
-def source_configs(domain: str = 'day', image_size=IMAGE_SIZE) -> List[SequenceConfig]:
+def source_configs(domain: str = 'day', image_size=IMAGE_SIZE, seeds=SOURCE_SEEDS,
+                   num_frames: int = SOURCE_FRAMES,
+                   lidar_azimuth_steps: Optional[int] = None) -> List[SequenceConfig]:
     """Return the labeled source sequences the source model trains on."""
-    return [SequenceConfig(domain=domain, seed=seed, num_frames=SOURCE_FRAMES,
-                           image_size=tuple(image_size), frame_stride=SOURCE_STRIDE)
-            for seed in SOURCE_SEEDS]
+    return [SequenceConfig(domain=domain, seed=seed, num_frames=num_frames,
+                           image_size=tuple(image_size), frame_stride=SOURCE_STRIDE,
+                           lidar_azimuth_steps=lidar_azimuth_steps)
+            for seed in seeds]
+
+
+def uda_target_configs(domain: str, image_size=IMAGE_SIZE, seeds=UDA_TARGET_SEEDS,
+                       num_frames: int = SOURCE_FRAMES,
+                       lidar_azimuth_steps: Optional[int] = None) -> List[SequenceConfig]:
+    """Return the target sequences offline UDA trains on (their labels are never read)."""
+    return source_configs(domain, image_size, seeds, num_frames, lidar_azimuth_steps)
 
 
 def target_config(domain: str, seed: int, image_size=IMAGE_SIZE,

@@ -24,8 +24,13 @@ from mmtta_ros.core.frame import Frame
 from mmtta_ros.core.params import default_params_file, node_params, read_params_file, SPECS
 from mmtta_ros.eval.metrics import ConfusionMatrix
 from mmtta_ros.eval.scoring import HEADS
+from mmtta_ros.eval.splits import SOURCE_FRAMES, SOURCE_SEEDS, UDA_TARGET_SEEDS
+from mmtta_ros.eval.uda import UDA_METHODS
 
 PathLike = Any
+SOURCE_DOMAIN = 'day'  # the labeled domain source and UDA checkpoints train on
+# The simulated annotator's settings a row may give, with their defaults.
+ANNOTATOR_SETTINGS = {'delay': 1, 'error_rate': 0.0, 'seed': 0}
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,38 @@ class Shift:
 
 @dataclass(frozen=True)
 class Row:
-    """A table row: a method and node-parameter settings over config/adapt.yaml."""
+    """
+    A table row: a method and node-parameter settings over config/adapt.yaml.
+
+    annotator: with labels.mode set, the simulated annotator's settings (delay in frames,
+    error_rate, seed; core/annotator.py) that answer the row's label requests from the
+    frames' ground truth.
+    """
 
     name: str
     method: Optional[str] = None  # None: the node's configured method
     settings: Mapping[str, Any] = field(default_factory=dict)
     oracle: bool = False  # source-only with a model trained on the shift's labeled domain
+    # Run on `<source>_fused.pt`: each source checkpoint with a fused 2D+3D head fitted on
+    # it (same 2D and 3D weights; the ftd method needs the head).
+    fused_head: bool = False
+    # Offline UDA reference: source-only with a model trained by `mmtta_train --uda <uda>`
+    # on labeled day + unlabeled frames of the shift's first-segment domain.
+    uda: Optional[str] = None
+    shifts: Optional[Tuple[str, ...]] = None  # None: every shift (that admits the row)
+    # A label row's simulated annotator (ANNOTATOR_SETTINGS), answering its requests.
+    annotator: Mapping[str, Any] = field(default_factory=dict)
+
+    def applies_to(self, shift: 'Shift') -> bool:
+        """Return whether this row is scored on `shift` (both may restrict the pairing)."""
+        if shift.rows and self.name not in shift.rows:
+            return False
+        if self.shifts and shift.name not in self.shifts:
+            return False
+        # UDA towards the source domain itself is no adaptation; an oracle needs one domain.
+        if self.uda and shift.segments[0][0] == SOURCE_DOMAIN:
+            return False
+        return not self.oracle or len(shift.segments) == 1
 
 
 @dataclass(frozen=True)
@@ -68,6 +99,10 @@ class Suite:
     train_seeds: Tuple[int, ...] = (0,)
     train_steps: int = 300
     oracle_steps: int = 300
+    fused_head_steps: int = 300
+    uda_seeds: Tuple[int, ...] = (0,)  # as the oracles: one seed (each costs ~2 trainings)
+    train_sequences: int = len(SOURCE_SEEDS)  # sequences per domain a checkpoint trains on
+    train_frames: int = SOURCE_FRAMES  # frames per sequence
 
 
 def load_suite(path: PathLike) -> Suite:
@@ -80,8 +115,19 @@ def load_suite(path: PathLike) -> Suite:
         register_domain(domain_variant(name, spec.pop('base'), **spec))
     protocol = document.get('protocol', {})
     rows = {name: Row(name, spec.get('method'), dict(spec.get('set') or {}),
-                      bool(spec.get('oracle', False)))
+                      oracle=bool(spec.get('oracle', False)),
+                      fused_head=bool(spec.get('fused_head', False)), uda=spec.get('uda'),
+                      shifts=tuple(spec['shifts']) if spec.get('shifts') else None,
+                      annotator=dict(spec.get('annotator') or {}))
             for name, spec in (document.get('rows') or {}).items()}
+    both = [name for name, row in rows.items() if row.oracle and row.fused_head]
+    if both:
+        raise ValueError(f'rows {both}: an oracle row cannot also ask for a fused head')
+    for row in rows.values():
+        unknown = set(row.annotator) - set(ANNOTATOR_SETTINGS)
+        if unknown:
+            raise ValueError(f'row {row.name}: unknown annotator settings {sorted(unknown)}; '
+                             f'known: {list(ANNOTATOR_SETTINGS)}')
     shifts = {}
     for name, spec in (document.get('shifts') or {}).items():
         unknown = set(spec.get('rows') or ()) - set(rows)
@@ -93,7 +139,13 @@ def load_suite(path: PathLike) -> Suite:
     validation = document.get('validation')
     if validation not in shifts:
         raise ValueError(f'the validation shift {validation!r} is not among the shifts')
+    for row in rows.values():
+        _check_row(row, shifts)
     checkpoints = document.get('checkpoints', {})
+    sequences = int(checkpoints.get('train_sequences', len(SOURCE_SEEDS)))
+    if not 1 <= sequences <= len(SOURCE_SEEDS) or checkpoints.get('train_frames', 1) < 1:
+        raise ValueError(f'checkpoints: need 1 <= train_sequences <= {len(SOURCE_SEEDS)} '
+                         'and train_frames >= 1')
     return Suite(shifts=shifts, rows=rows, validation=validation,
                  image_size=tuple(protocol.get('image_size', (400, 225))),
                  frame_stride=int(protocol.get('frame_stride', 2)),
@@ -102,7 +154,31 @@ def load_suite(path: PathLike) -> Suite:
                  model_size=checkpoints.get('size', 'tiny'),
                  train_seeds=tuple(checkpoints.get('train_seeds', (0,))),
                  train_steps=int(checkpoints.get('steps', 300)),
-                 oracle_steps=int(checkpoints.get('oracle_steps', 300)))
+                 oracle_steps=int(checkpoints.get('oracle_steps', 300)),
+                 fused_head_steps=int(checkpoints.get('fused_head_steps', 300)),
+                 uda_seeds=tuple(int(s) for s in checkpoints.get('uda_seeds', (0,))),
+                 train_sequences=sequences,
+                 train_frames=int(checkpoints.get('train_frames', SOURCE_FRAMES)))
+
+
+def _check_row(row: Row, shifts: Mapping[str, Shift]) -> None:
+    """Raise ValueError if a row's options contradict each other or name unknown shifts."""
+    unknown = set(row.shifts or ()) - set(shifts)
+    if unknown:
+        raise ValueError(f'row {row.name} names unknown shifts {sorted(unknown)}')
+    if row.uda is None:
+        return
+    if row.uda not in UDA_METHODS:
+        raise ValueError(f'row {row.name}: unknown UDA method {row.uda!r}; choose one of '
+                         f'{UDA_METHODS}')
+    if row.oracle or row.method or row.fused_head:
+        raise ValueError(f'row {row.name}: a UDA row is scored source-only on its own '
+                         'model; drop its `oracle` / `method` / `fused_head`')
+    on_source = [name for name in row.shifts or () if shifts[name].segments[0][0] ==
+                 SOURCE_DOMAIN]
+    if on_source:
+        raise ValueError(f'row {row.name}: shifts {on_source} start in the source domain '
+                         f'{SOURCE_DOMAIN}; UDA needs another target domain')
 
 
 def stream_frames(suite: Suite, shift: Shift, seed: int, cache_dir: PathLike) -> List[Frame]:
@@ -117,13 +193,25 @@ def stream_frames(suite: Suite, shift: Shift, seed: int, cache_dir: PathLike) ->
     return synthetic_frames(configs, cache_dir)
 
 
+# The suite's protocol where it departs from the node's defaults; a row may still set these.
+# calibration.ego_motion: every record was scored with the static LiDAR -> camera transform
+# (the generator's frames now carry both ego poses, which the node's default compensates).
+PROTOCOL_VALUES: Dict[str, Any] = {'calibration.ego_motion': False}
+
+
 def row_values(row: Row, checkpoint: PathLike, params_file: Optional[PathLike] = None,
                threads: int = 1) -> Dict[str, Any]:
     """Return the node parameter values of a row: the params file with the row's settings."""
     values = read_params_file(params_file or default_params_file())
-    if row.method or row.oracle:
-        # An oracle is the model trained on the target, used as it is: source-only.
-        values['adaptation.method'] = 'source' if row.oracle else row.method
+    values.update(PROTOCOL_VALUES)
+    if row.method or row.oracle or row.uda:
+        # An oracle (trained on the target) and a UDA model (trained offline on source and
+        # target) are used as they are: source-only.
+        values['adaptation.method'] = row.method or 'source'
+        # A row that names a method publishes that method's own prediction; only the
+        # node's configuration (`default`, rows without a method) takes a branch from the
+        # source model, unless the row sets it.
+        values['adaptation.source_branch'] = 'none'
     method = values.get('adaptation.method', 'mmtta')
     for key, value in row.settings.items():
         name = key if '.' in key else f'adaptation.{method}.{key}'
@@ -165,9 +253,19 @@ _PREDICTION = {'2d': 'prediction_2d', '3d': 'prediction_3d', '2d3d': 'prediction
 
 
 def run_stream(values: Mapping[str, Any], frames: Sequence[Frame], window: int,
-               bounds: Sequence[int]) -> Dict[str, Any]:
-    """Build the node's pipeline from `values`, run it over the stream, score it."""
+               bounds: Sequence[int], annotator_settings: Optional[Mapping[str, Any]] = None
+               ) -> Dict[str, Any]:
+    """
+    Build the node's pipeline from `values`, run it over the stream, score it.
+
+    With labels.mode set, the node's label requests are answered by a simulated
+    annotator (`annotator_settings` over ANNOTATOR_SETTINGS) from the frames' labels, one
+    tick per frame; every frame is still scored (a labeled frame's own prediction was
+    made before its answer came).
+    """
+    from mmtta_ros.core.annotator import SimulatedAnnotator
     from mmtta_ros.core.builder import build_pipeline
+    from mmtta_ros.core.labels import LabelLoop
     from mmtta_ros.core.realtime import SplitPipeline
 
     params = node_params(values)
@@ -176,6 +274,13 @@ def run_stream(values: Mapping[str, Any], frames: Sequence[Frame], window: int,
     # every frame labeled by the predictor, every N-th adapted on (the adapter's pace).
     split = SplitPipeline(pipeline) if values.get('worker.split') and \
         values.get('worker.adapt_every', 1) > 1 else None
+    loop = annotator = None
+    if params.pipeline.labels.enabled:
+        loop = LabelLoop(params.pipeline.labels, pipeline if split is None else split)
+        settings = {**ANNOTATOR_SETTINGS, **(annotator_settings or {})}
+        annotator = SimulatedAnnotator(delay=int(settings['delay']),
+                                       error_rate=float(settings['error_rate']),
+                                       seed=int(settings['seed']))
     scored, rejected, resets = [], 0, 0
     started = time.perf_counter()
     for index, frame in enumerate(frames):
@@ -188,6 +293,16 @@ def run_stream(values: Mapping[str, Any], frames: Sequence[Frame], window: int,
                     output.stats = split.adapt(frame)
         except SensorDataError:
             rejected += 1
+            output = None
+        if loop is not None:
+            request = None if output is None else loop.request(output)
+            if request is not None:
+                if frame.labels is None:
+                    raise ValueError(f'{frame.sequence}: label requests need labeled frames')
+                annotator.ask(request, frame.labels[request.point_index])
+            for answer in annotator.tick():  # one tick per frame, rejected ones too
+                loop.answer(answer)
+        if output is None:
             continue
         resets = int(output.stats.get('resets', resets))
         labels = output.labels_in_view()
@@ -198,6 +313,15 @@ def run_stream(values: Mapping[str, Any], frames: Sequence[Frame], window: int,
     result = score_windows(scored, window, bounds)
     result.update(frames=len(frames), rejected=rejected, guard_resets=resets,
                   seconds_per_frame=seconds / max(len(frames), 1))
+    if loop is not None:
+        counters = loop.counters()
+        result['labels'] = {
+            'requests': counters['label_requests'],
+            'points_requested': counters['label_points_requested'],
+            'points_answered': annotator.points_answered,
+            'points_wrong': annotator.points_wrong,
+            'points_accepted': counters['label_points_accepted'],
+            'points_per_frame': counters['label_points_accepted'] / max(len(frames), 1)}
     return result
 
 
@@ -217,7 +341,8 @@ def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
     shift = suite.shifts[task['shift']]
     frames = stream_frames(suite, shift, task['seed'], task['cache_dir'])
     bounds = list(np.cumsum([0] + [count for _, count in shift.segments[:-1]]))
-    return run_stream(task['values'], frames, suite.window, bounds)
+    return run_stream(task['values'], frames, suite.window, bounds,
+                      annotator_settings=task.get('annotator'))
 
 
 def summarise(shift: Shift, row: Row, checkpoint: str, values: Mapping[str, Any],
@@ -227,7 +352,9 @@ def summarise(shift: Shift, row: Row, checkpoint: str, values: Mapping[str, Any]
         'shift': shift.name, 'row': row.name, 'checkpoint': checkpoint,
         'method': values.get('adaptation.method'),
         'settings': {k: v for k, v in values.items()
-                     if k.startswith(f'adaptation.{values.get("adaptation.method")}.')},
+                     if k.startswith(f'adaptation.{values.get("adaptation.method")}.')
+                     or (k.startswith('labels.') and values.get('labels.mode', 'none')
+                         != 'none')},
         'segments': [list(segment) for segment in shift.segments],
         'seeds': list(shift.seeds), 'frames': shift.frames,
         'streams': list(streams),
@@ -237,25 +364,63 @@ def summarise(shift: Shift, row: Row, checkpoint: str, values: Mapping[str, Any]
         per_stream = [s['miou'][head] for s in streams]
         record[f'mean_{head}'] = float(np.mean(per_stream))
         record[f'std_{head}'] = float(np.std(per_stream))
+    if values.get('labels.mode', 'none') != 'none':
+        record['annotator'] = {**ANNOTATOR_SETTINGS, **row.annotator}
+        record['label_points_per_frame'] = float(np.mean(
+            [s['labels']['points_per_frame'] for s in streams]))
     return record
 
 
 # Parameters that change what the suite scores; the rest (topics, state files, sync,
-# diagnostics) do not, and changing them must not make every record run again.
-_SCORED = ('adaptation.', 'model.', 'min_depth', 'classes.', 'reset.collapse_guard',
-           'reset.max_dominant_fraction', 'reset.patience', 'worker.split',
-           'worker.adapt_every')
+# diagnostics) do not, and changing them must not make every record run again. Of the
+# `adaptation.<method>.*` hyperparameters only the chosen method's count: adding a method
+# (its section in config/adapt.yaml) must not invalidate the records of the others.
+_SCORED = ('adaptation.method', 'adaptation.batch_frames', 'adaptation.fallback', 'model.',
+           'min_depth', 'classes.names', 'reset.collapse_guard', 'reset.max_dominant_fraction',
+           'reset.patience', 'worker.split', 'worker.adapt_every', 'labels.',
+           'adaptation.source_branch', 'calibration.ego_motion')
+# Parameters added after records were made: scored only away from these values (what
+# every earlier record ran with), so adding one does not make every record run again.
+_SCORED_UNLESS = {'model.precision': 'fp32', 'adaptation.source_branch': 'none',
+                  'calibration.ego_motion': False}
 
 
-def settings_hash(values: Mapping[str, Any], shift: Shift) -> str:
-    """Return a hash of what a record depends on (its scored parameters and its streams)."""
-    scored = {k: v for k, v in values.items() if k.startswith(_SCORED)}
+def scored_values(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """Return the parameter values a record depends on (see _SCORED), JSON-ready."""
+    method_prefix = f'adaptation.{values.get("adaptation.method")}.'
+    # The checkpoint is named by its content in the record's key; its path is not scored.
+    scored = {k: v for k, v in values.items() if k != 'model.checkpoint'
+              and (k.startswith(_SCORED) or k.startswith(method_prefix))}
+    for name, value in _SCORED_UNLESS.items():
+        if scored.get(name) == value:
+            del scored[name]
     if not (scored.get('worker.split') and scored.get('worker.adapt_every', 1) > 1):
         # Split with every frame adapted labels as the paper's protocol does (tested).
         scored.pop('worker.split', None)
         scored.pop('worker.adapt_every', None)
-    text = json.dumps({'values': scored, 'segments': shift.segments,
-                       'seeds': shift.seeds}, sort_keys=True, default=str)
+    if scored.get('labels.mode', 'none') == 'none':
+        # Label settings do nothing without requests: records made before they existed
+        # (and rows that do not ask) keep their hash.
+        scored = {k: v for k, v in scored.items() if not k.startswith('labels.')}
+    return json.loads(json.dumps(scored, sort_keys=True, default=str))
+
+
+def settings_hash(values: Mapping[str, Any], shift: Shift,
+                  extra: Optional[Mapping[str, Any]] = None,
+                  annotator: Optional[Mapping[str, Any]] = None) -> str:
+    """
+    Return a hash of what a record depends on (its scored parameters and its streams).
+
+    extra: more it depends on (a fused row: the content id of the head's checkpoint);
+    annotator: a label row's simulated annotator settings (over ANNOTATOR_SETTINGS).
+    """
+    scored = scored_values(values)
+    document = {'values': scored, 'segments': shift.segments, 'seeds': shift.seeds}
+    if extra:
+        document['extra'] = dict(extra)
+    if scored.get('labels.mode', 'none') != 'none':
+        document['annotator'] = {**ANNOTATOR_SETTINGS, **(annotator or {})}
+    text = json.dumps(document, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -272,27 +437,86 @@ def oracle_checkpoint(suite: Suite, shift: Shift, models_dir: PathLike) -> Optio
     return Path(models_dir) / f'oracle_{suite.model_size}_{shift.segments[0][0]}_s0.pt'
 
 
-def train_checkpoint(args) -> str:
-    """Train one checkpoint (domain, seed, steps) unless a finished one is there."""
-    suite_path, path, domain, seed, steps, cache_dir = args
+def uda_checkpoint(suite: Suite, method: str, shift: Shift, seed: int,
+                   models_dir: PathLike) -> Path:
+    """Return where the UDA model of `method` towards a shift's first domain lives."""
+    domain = shift.segments[0][0]
+    return Path(models_dir) / f'uda_{method}_{suite.model_size}_{domain}_s{seed}.pt'
+
+
+def fused_checkpoint(source: PathLike) -> Path:
+    """Return where the fused-head version of a source checkpoint lives (next to it)."""
+    source = Path(source)
+    return source.with_name(f'{source.stem}_fused{source.suffix}')
+
+
+def fit_fused_checkpoint(args) -> str:
+    """Fit the fused head of one source checkpoint unless one fitted on it is there."""
+    suite_path, source, path, steps, cache_dir = args
+    import dataclasses
+
     import torch
 
     from mmtta_ros.eval.frame_cache import synthetic_frames
     from mmtta_ros.eval.splits import source_configs
-    from mmtta_ros.eval.training import load_trained, train_source, TrainConfig
+    from mmtta_ros.eval.training import fit_fused_head, fused_head_fitted, TrainConfig
+
+    suite = load_suite(suite_path)
+    torch.set_num_threads(1)
+    if fused_head_fitted(path, source):
+        return f'{Path(path).name}: already fitted on {Path(source).name}'
+    configs = source_configs('day', suite.image_size)
+    if suite.lidar_azimuth_steps is not None:  # a miniature suite: its own small LiDAR
+        configs = [dataclasses.replace(config, lidar_azimuth_steps=suite.lidar_azimuth_steps)
+                   for config in configs]
+    # The labeled day frames the source trained on: the head sees no target frame.
+    frames = synthetic_frames(configs, cache_dir)
+    summary = fit_fused_head(frames, source, TrainConfig(steps=steps), path,
+                             torch.device('cpu'), progress=False)
+    return (f'{Path(path).name}: fused head fitted on {Path(source).name} in {steps} steps, '
+            f'final loss {summary["loss_fused"]:.3f}')
+
+
+def train_checkpoint(args) -> str:
+    """
+    Train one checkpoint unless a finished one is there.
+
+    args: (suite path, checkpoint path, labeled domain, seed, steps, cache dir, UDA method
+    or '' for plain training, UDA target domain or '').
+    """
+    suite_path, path, domain, seed, steps, cache_dir, uda_method, target_domain = args
+    import torch
+
+    from mmtta_ros.eval.frame_cache import synthetic_frames
+    from mmtta_ros.eval.splits import source_configs, uda_target_configs
+    from mmtta_ros.eval.training import load_trained, train_source, train_uda, TrainConfig
+    from mmtta_ros.eval.uda import UdaConfig
     from mmtta_ros.models.segmenter import SegmenterConfig
 
     suite = load_suite(suite_path)  # registers the variants in this process
     torch.set_num_threads(1)
-    if load_trained(path, torch.device('cpu')) is None:
-        # Labeled frames of the domain, seeds 0-7: never a seed of a scored stream.
-        frames = synthetic_frames(source_configs(domain, suite.image_size), cache_dir)
-        summary = train_source(frames, SegmenterConfig(size=suite.model_size),
-                               TrainConfig(steps=steps, seed=seed), path,
+    if load_trained(path, torch.device('cpu')) is not None:
+        return f'{Path(path).name}: already trained'
+    data = dict(image_size=suite.image_size, num_frames=suite.train_frames,
+                lidar_azimuth_steps=suite.lidar_azimuth_steps)
+    # Labeled frames of the domain, seeds 0-7: never a seed of a scored stream.
+    frames = synthetic_frames(source_configs(
+        domain, seeds=SOURCE_SEEDS[:suite.train_sequences], **data), cache_dir)
+    model_config, train_config = SegmenterConfig(size=suite.model_size), \
+        TrainConfig(steps=steps, seed=seed)
+    if uda_method:
+        # Unlabeled target frames: seeds 200-207, never a seed of a scored stream either.
+        target = synthetic_frames(uda_target_configs(
+            target_domain, seeds=UDA_TARGET_SEEDS[:suite.train_sequences], **data), cache_dir)
+        summary = train_uda(frames, target, model_config, train_config,
+                            UdaConfig(uda_method, target_domain=target_domain), path,
+                            torch.device('cpu'), progress=False)
+    else:
+        summary = train_source(frames, model_config, train_config, path,
                                torch.device('cpu'), progress=False)
-        return (f'{Path(path).name}: {steps} steps, final loss 2D {summary["loss_2d"]:.3f} '
-                f'3D {summary["loss_3d"]:.3f}')
-    return f'{Path(path).name}: already trained'
+    return (f'{Path(path).name}: {steps} steps, final '
+            + ', '.join(f'{key} {value:.3f}' for key, value in summary.items()
+                        if key not in ('steps', 'resumed_from', 'seconds')))
 
 
 def _generate(args) -> str:
@@ -324,8 +548,9 @@ def run_suite(suite_path: PathLike, results_path: PathLike, *, models_dir: PathL
     training = []
     if checkpoints is None:
         checkpoints = source_checkpoints(suite, models_dir)
-        training += [(str(suite_path), str(path), 'day', seed, suite.train_steps,
-                      str(cache_dir)) for path, seed in zip(checkpoints, suite.train_seeds)]
+        training += [(str(suite_path), str(path), SOURCE_DOMAIN, seed, suite.train_steps,
+                      str(cache_dir), '', '')
+                     for path, seed in zip(checkpoints, suite.train_seeds)]
     oracles = {}
     if any(row.oracle and (not rows or row.name in rows) for row in suite.rows.values()):
         for shift in wanted_shifts:
@@ -333,30 +558,63 @@ def run_suite(suite_path: PathLike, results_path: PathLike, *, models_dir: PathL
             if path is not None:
                 oracles[shift.name] = path
                 training.append((str(suite_path), str(path), shift.segments[0][0], 0,
-                                 suite.oracle_steps, str(cache_dir)))
+                                 suite.oracle_steps, str(cache_dir), '', ''))
+    udas: Dict[Tuple[str, str], List[Tuple[int, Path]]] = {}
+    for row in suite.rows.values():
+        if not row.uda or (rows and row.name not in rows):
+            continue
+        for shift in wanted_shifts:
+            if row.applies_to(shift):
+                udas[row.name, shift.name] = [
+                    (seed, uda_checkpoint(suite, row.uda, shift, seed, models_dir))
+                    for seed in suite.uda_seeds]
+                training += [(str(suite_path), str(path), SOURCE_DOMAIN, seed,
+                              suite.train_steps, str(cache_dir), row.uda, shift.segments[0][0])
+                             for seed, path in udas[row.name, shift.name]]
+    fused = {}
+    if any(row.fused_head and (not rows or row.name in rows) for row in suite.rows.values()):
+        fused = {str(path): fused_checkpoint(path) for path in checkpoints}
     with context.Pool(jobs) as pool:
         for message in pool.imap_unordered(train_checkpoint, sorted(set(training))):
             log(message)
+        # After training: a head is fitted on the finished source checkpoint.
+        for message in pool.imap_unordered(fit_fused_checkpoint, [
+                (str(suite_path), source, str(path), suite.fused_head_steps, str(cache_dir))
+                for source, path in sorted(fused.items())]):
+            log(message)
+    # A UDA model of seed s pairs with the source model of seed s (same initialisation).
+    paired = {seed: checkpoint_id(path) for seed, path in zip(suite.train_seeds, checkpoints)
+              if Path(path).is_file()}
     results_path = Path(results_path)
     results = (json.loads(results_path.read_text()) if results_path.is_file()
                else {'records': {}})
     plans = []
     for shift in wanted_shifts:
         for row in suite.rows.values():
-            if (rows and row.name not in rows) or (shift.rows and row.name not in shift.rows):
+            if (rows and row.name not in rows) or not row.applies_to(shift):
                 continue
-            if row.oracle and shift.name not in oracles:
-                continue
-            for checkpoint in ([oracles[shift.name]] if row.oracle else checkpoints):
-                values = row_values(row, checkpoint, params_file)
+            if row.oracle:
+                models = [oracles[shift.name]]
+            elif row.uda:
+                models = [path for _, path in udas[row.name, shift.name]]
+            else:
+                models = checkpoints
+            for checkpoint in models:
+                # A fused row runs on the checkpoint with the head, but is keyed (and
+                # paired in the tables) by the source checkpoint whose branches it shares.
+                model_path = fused[str(checkpoint)] if row.fused_head else checkpoint
+                values = row_values(row, model_path, params_file)
                 ckpt = checkpoint_id(checkpoint)
                 key = f'{shift.name}|{row.name}|{ckpt}'
+                extra = {'fused_head_checkpoint': checkpoint_id(model_path)} \
+                    if row.fused_head else {}
                 done = results['records'].get(key)
-                if done and done.get('settings_hash') == settings_hash(values, shift):
+                if done and done.get('settings_hash') == settings_hash(values, shift, extra,
+                                                                       row.annotator):
                     continue
-                plans.append((key, shift, row, ckpt, values))
+                plans.append((key, shift, row, ckpt, values, extra))
     with context.Pool(jobs) as pool:
-        streams = sorted({(shift.name, seed) for _, shift, _, _, _ in plans
+        streams = sorted({(shift.name, seed) for _, shift, *_ in plans
                           for seed in shift.seeds})
         for _ in tqdm(pool.imap_unordered(_generate, [(str(suite_path), name, seed,
                                                        str(cache_dir))
@@ -364,8 +622,9 @@ def run_suite(suite_path: PathLike, results_path: PathLike, *, models_dir: PathL
                       total=len(streams), desc='streams'):
             pass
         tasks = [dict(suite_path=str(suite_path), shift=shift.name, seed=seed,
-                      cache_dir=str(cache_dir), values=values, key=key)
-                 for key, shift, _, _, values in plans for seed in shift.seeds]
+                      cache_dir=str(cache_dir), values=values, key=key,
+                      annotator=dict(row.annotator))
+                 for key, shift, row, _, values, _ in plans for seed in shift.seeds]
         by_key: Dict[str, List] = {key: [] for key, *_ in plans}
         bar = tqdm(total=len(tasks), desc='runs')
         for task, result in zip(tasks, pool.imap(run_task, tasks)):
@@ -373,9 +632,19 @@ def run_suite(suite_path: PathLike, results_path: PathLike, *, models_dir: PathL
             by_key[task['key']].append(result)
             key = task['key']
             if len(by_key[key]) == len(suite.shifts[task['shift']].seeds):
-                _, shift, row, ckpt, values = next(p for p in plans if p[0] == key)
+                _, shift, row, ckpt, values, extra = next(p for p in plans if p[0] == key)
                 record = summarise(shift, row, ckpt, values, by_key[key])
-                record['settings_hash'] = settings_hash(values, shift)
+                record.update(extra)
+                record['settings_hash'] = settings_hash(values, shift, extra, row.annotator)
+                # What the hash covers, so a later change can be checked against it.
+                record['scored'] = scored_values(values)
+                if row.uda:
+                    seed = next(s for s, p in udas[row.name, shift.name]
+                                if str(p) == values['model.checkpoint'])
+                    record.update(uda=row.uda, target_domain=shift.segments[0][0],
+                                  uda_seed=seed)
+                    if seed in paired:
+                        record['paired_checkpoint'] = paired[seed]
                 results['records'][key] = record
                 results['validation'] = suite.validation
                 _write_json(results_path, results)

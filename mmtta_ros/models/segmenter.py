@@ -2,7 +2,9 @@
 The dual-branch (camera + LiDAR) segmenter of xMUDA: config, input/output types, builder.
 
 Both branches emit logits for the same M points (the in-view points of a batch of
-frames), so their predictions can be compared and averaged point by point.
+frames), so their predictions can be compared and averaged point by point. An optional
+fused head (FtD++'s fusion branch, `SegmenterConfig.fused_head`) classifies the
+concatenated per-point features of both branches.
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +35,9 @@ class SegmenterConfig:
 
     Fields left as None take the value of the `size` preset (SIZE_PRESETS).
     voxel_size is in metres (0.05 = xMUDA's scale 20); full_scale in voxels per axis.
+    fused_head: add a 2D+3D head on the concatenated per-point features (FtD++'s fusion
+    branch, used by the `ftd` adaptation method). A checkpoint written before this field
+    existed has none and loads as False.
     """
 
     size: str = 'tiny'
@@ -47,6 +52,7 @@ class SegmenterConfig:
     levels_3d: Optional[int] = None
     block_reps_3d: int = 1
     residual_3d: bool = True
+    fused_head: bool = False
 
     def __post_init__(self):
         if self.size not in SIZE_PRESETS:
@@ -88,12 +94,16 @@ class SegmenterInput:
     pixels:      <int64: M, 2> (u = column, v = row) of each point, inside the image
     batch_index: <int64: M> frame of each point, sorted ascending
     points:      <float32: M, 3> LiDAR-frame xyz of the same points, metres
+    T_odom_from_lidar: <float64 or float32: B, 4, 4> pose of each frame's LiDAR in a fixed
+                 odometry frame, or None when any frame of the batch has none (the model
+                 never reads it; methods that pool over time do)
     """
 
     images: torch.Tensor
     pixels: torch.Tensor
     batch_index: torch.Tensor
     points: torch.Tensor
+    T_odom_from_lidar: Optional[torch.Tensor] = None
 
     @property
     def num_frames(self) -> int:
@@ -102,8 +112,10 @@ class SegmenterInput:
 
     def to(self, device) -> 'SegmenterInput':
         """Return the same batch on `device`."""
+        poses = self.T_odom_from_lidar
         return SegmenterInput(self.images.to(device), self.pixels.to(device),
-                              self.batch_index.to(device), self.points.to(device))
+                              self.batch_index.to(device), self.points.to(device),
+                              None if poses is None else poses.to(device))
 
 
 @dataclass
@@ -114,12 +126,14 @@ class SegmenterOutput:
     logits_2d, logits_3d: <float32: M, C>
     features_2d: <float32: M, C2d> (U-Net output at the point's pixel)
     features_3d: <float32: M, C3d> (sparse U-Net output of the point's voxel)
+    logits_fused: <float32: M, C> of the fused head, None for a model without one
     """
 
     logits_2d: torch.Tensor
     logits_3d: torch.Tensor
     features_2d: Optional[torch.Tensor] = None
     features_3d: Optional[torch.Tensor] = None
+    logits_fused: Optional[torch.Tensor] = None
 
     def probs_2d3d(self) -> torch.Tensor:
         """Return the 2D+3D ensemble: mean of the two softmaxes, <float32: M, C>."""
@@ -130,26 +144,64 @@ class SegmenterOutput:
         return self.probs_2d3d().argmax(dim=1)
 
 
+# Hidden width of the fused head's MLP.
+FUSED_HIDDEN = 64
+
+
+class FusedHead(nn.Module):
+    """
+    2D+3D head: an MLP on the concatenated per-point features of both branches.
+
+    FtD++ fuses with attention modules; a two-layer MLP is the smallest head that can
+    weigh one modality's features by the other's. No batch norm: test-time adaptation
+    touches only the branches' norm layers, and this head has none to adapt.
+    """
+
+    def __init__(self, channels_2d: int, channels_3d: int, num_classes: int,
+                 hidden: int = FUSED_HIDDEN):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(channels_2d + channels_3d, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, features_2d: torch.Tensor, features_3d: torch.Tensor) -> torch.Tensor:
+        """<float32: M, C2d> and <float32: M, C3d> -> <float32: M, C> fused logits."""
+        return self.mlp(torch.cat([features_2d, features_3d], dim=1))
+
+
 class DualBranchSegmenter(nn.Module):
     """Camera branch + LiDAR branch, each with its own classifier, on the same points."""
 
-    def __init__(self, net_2d: Net2DSeg, net_3d: Net3DSeg):
+    def __init__(self, net_2d: Net2DSeg, net_3d: Net3DSeg,
+                 fused_head: Optional[FusedHead] = None):
         super().__init__()
         self.net_2d = net_2d
         self.net_3d = net_3d
+        # None keeps the state dict of a model without the head exactly as it was.
+        self.fused_head = fused_head
+        # '2d' or '3d': that branch is not run and its logits come back as zeros (no
+        # features, no fused logits). Only for a caller that replaces them with another
+        # model's (tta/source_branch.py); not part of the state.
+        self.skip_branch: Optional[str] = None
 
     def forward(self, inputs: SegmenterInput) -> SegmenterOutput:
-        """Per-point logits of both branches for a batch."""
+        """Per-point logits of both branches (and of the fused head, if any) for a batch."""
         _check_input(inputs)
-        features_2d = self.net_2d.point_features(inputs.images, inputs.pixels,
-                                                 inputs.batch_index)
-        features_3d = self.net_3d.point_features(inputs.points, inputs.batch_index,
-                                                 inputs.num_frames)
+        features_2d = features_3d = logits_2d = logits_3d = None
+        if self.skip_branch != '2d':
+            features_2d = self.net_2d.point_features(inputs.images, inputs.pixels,
+                                                     inputs.batch_index)
+            logits_2d = self.net_2d.classifier(features_2d)
+        if self.skip_branch != '3d':
+            features_3d = self.net_3d.point_features(inputs.points, inputs.batch_index,
+                                                     inputs.num_frames)
+            logits_3d = self.net_3d.classifier(features_3d)
         return SegmenterOutput(
-            logits_2d=self.net_2d.classifier(features_2d),
-            logits_3d=self.net_3d.classifier(features_3d),
+            logits_2d=torch.zeros_like(logits_3d) if logits_2d is None else logits_2d,
+            logits_3d=torch.zeros_like(logits_2d) if logits_3d is None else logits_3d,
             features_2d=features_2d,
             features_3d=features_3d,
+            logits_fused=(None if self.fused_head is None or self.skip_branch
+                          else self.fused_head(features_2d, features_3d)),
         )
 
 
@@ -169,7 +221,11 @@ def build_segmenter(config: SegmenterConfig,
     net_3d = Net3DSeg(num_classes=config.num_classes, m=config.m_3d, levels=config.levels_3d,
                       block_reps=config.block_reps_3d, residual=config.residual_3d,
                       voxel_size=config.voxel_size, full_scale=config.full_scale)
-    return DualBranchSegmenter(net_2d, net_3d)
+    fused_head = None
+    if config.fused_head:
+        fused_head = FusedHead(net_2d.unet.out_channels, net_3d.out_channels,
+                               config.num_classes)
+    return DualBranchSegmenter(net_2d, net_3d, fused_head)
 
 
 def _check_input(inputs: SegmenterInput) -> None:

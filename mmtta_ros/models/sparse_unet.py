@@ -199,6 +199,14 @@ class Net3DSeg(nn.Module):
         if points.shape[0] == 0:
             # spconv cannot build an empty tensor; an empty batch still gets (0, m) features.
             return points.new_zeros((0, self.out_channels))
+        # Sparse convolutions stay in float32 under a bf16 autocast (model.precision): spconv's
+        # kernels are custom functions that autocast does not reach, and the 3D branch is
+        # a small share of a step's arithmetic.
+        with torch.autocast(device_type=points.device.type, enabled=False):
+            return self._point_features(points.float(), batch_index, batch_size)
+
+    def _point_features(self, points: torch.Tensor, batch_index: torch.Tensor,
+                        batch_size: int) -> torch.Tensor:
         voxel_coords, point_to_voxel = voxelize(points, batch_index, batch_size,
                                                 self.voxel_size, self.full_scale)
         # A tight grid gives the same result as the full_scale cube (every coarse voxel

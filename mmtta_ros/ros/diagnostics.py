@@ -10,7 +10,8 @@ snapshot. Counters say where every message and every pair went; the books close:
          + sync_dropped_unmatched + sync_dropped_reset + sync_pending   (never paired)
          + 2 * (pairs_dropped_stale + pairs_pending                 (paired, not taken)
                 + frames_processed + rejected_frames + rejected_stamp_skew
-                + step_failures + pairs_abandoned + pairs_in_step)   (what the worker did)
+                + rejected_no_transform + step_failures + pairs_abandoned
+                + pairs_in_step)                                     (what the worker did)
     camera_info_received == camera_info_accepted + rejected_camera_info
 
 `unaccounted_messages` is how far both ledgers are off (absolute): 0 whenever no message is between
@@ -35,6 +36,9 @@ COUNTERS = (
     'rejected_messages',     # refused when added to the pairing (bad stamp)
     'rejected_frames',       # pairs that could not be decoded or had too little in view
     'rejected_stamp_skew',   # pairs stamped too far from the node clock
+    'rejected_no_transform',  # no camera <- LiDAR in TF and no calibration.T_cam_from_lidar
+    'extrinsics_from_parameter',  # frames projected with the parameter: TF lacked the mount
+    'frames_without_ego_pose',  # TF lacked an ego pose at a stamp: static projection
     'step_failures',         # unexpected errors in a step (logged with a traceback)
     'pairs_abandoned',       # processed while the node was shutting down: not published
     'camera_info_accepted',  # camera_info messages kept as the current one
@@ -42,16 +46,18 @@ COUNTERS = (
     'time_jumps', 'resets', 'saves', 'save_failures',
     'adaptation_steps',      # worker.split: frames the adapter adapted on
     'adaptation_failures',   # worker.split: adapter steps that failed (logged)
+    'label_supervised_steps',  # adaptation steps whose loss had answered labels in it
 )
 # Worker outcomes of a pair taken from the mailbox: each taken pair ends in one of them.
 PAIR_OUTCOMES = ('frames_processed', 'rejected_frames', 'rejected_stamp_skew',
-                 'step_failures', 'pairs_abandoned')
+                 'rejected_no_transform', 'step_failures', 'pairs_abandoned')
 SYNC_DROPS = ('sync_dropped_stale', 'sync_dropped_queue_full', 'sync_dropped_out_of_slop',
               'sync_dropped_unmatched', 'sync_dropped_reset')
 # This many backward time jumps within RATE_WINDOW_S is no looping bag but a publisher
 # that mixes old and new stamps: every jump clears the pairing queues.
 JUMPS_WARN = 3
-ADAPTATION_STATS = ('kept_ratio', 'entropy', 'loss', 'resets', 'dominant_fraction')
+ADAPTATION_STATS = ('kept_ratio', 'entropy', 'loss', 'resets', 'dominant_fraction',
+                    'supervised_loss', 'supervised_points')
 
 
 class NodeDiagnostics:
@@ -114,15 +120,20 @@ class NodeDiagnostics:
             self._latencies.append(latency_s)
             self._steps.append(step_s)
             if stats:  # a predictor's frame has none: the adapter reports them
-                self._last_stats = dict(stats)
+                self._note_stats(stats)
             self._note_stages(stages or {})
 
     def adaptation_done(self, seconds: float, stats: Mapping[str, Any]) -> None:
         """Note one adapter step (worker.split): its time and the method's stats."""
         with self._lock:
             self._counters['adaptation_steps'] += 1
-            self._last_stats = dict(stats)
+            self._note_stats(stats)
             self._note_stages({'adapt': seconds})
+
+    def _note_stats(self, stats: Mapping[str, Any]) -> None:
+        self._last_stats = dict(stats)
+        if stats.get('supervised_points'):
+            self._counters['label_supervised_steps'] += 1
 
     def _note_stages(self, stages: Mapping[str, float]) -> None:
         for name, seconds in stages.items():

@@ -3,9 +3,11 @@ mmtta_adapt: the ROS 2 node. A thin shell: declare -> build -> pair -> worker ->
 
 Inputs (sensor-data QoS, or reliable with `inputs.reliable`): ~/input/image
 (CompressedImage or Image), ~/input/camera_info, ~/input/points (PointCloud2). Outputs
-(reliable): ~/output/labeled_points, ~/output/overlay, /diagnostics. Services: ~/reset,
-~/save_state (std_srvs/Trigger). Parameters: the table in `mmtta_ros.core.params` (and
-config/adapt.yaml). Everything between a matched pair and
+(reliable): ~/output/labeled_points, ~/output/overlay, /diagnostics. With labels.mode
+set, label requests go out on ~/output/label_requests and answered points come in on
+~/input/point_labels (PointCloud2 x, y, z, label; reliable; core/labels.py). Services:
+~/reset, ~/save_state (std_srvs/Trigger). Parameters: the table in
+`mmtta_ros.core.params` (and config/adapt.yaml). Everything between a matched pair and
 the arrays to publish is `core.pipeline.Pipeline`, built by `core.builder`, as offline.
 The loop around it is `ros.shell.AdaptationShell`, shared with the lifecycle node
 (`ros.lifecycle`), which does the same in steps.

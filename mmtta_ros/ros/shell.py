@@ -7,6 +7,8 @@ What the plain and the lifecycle node share: inputs -> pairing -> worker -> publ
 - `_load()`: build the pipeline (loads the model), resume a saved state, create the
   pairing, the diagnostics and the ~/reset, ~/save_state services (configure);
 - `_start_io()`: subscriptions, publishers, timers and the worker thread (activate);
+  with labels.mode set, also ~/output/label_requests out and ~/input/point_labels in
+  (core/labels.py: which points to ask, how answers are matched and used);
 - `_stop_worker()` / `_drop_io()`: stop the worker; destroy what `_start_io` made and
   forget half-paired messages (deactivate);
 - `_unload()`: drop the services and the pipeline (cleanup).
@@ -27,11 +29,12 @@ from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import (
     HistoryPolicy, qos_profile_sensor_data, QoSProfile, ReliabilityPolicy)
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_srvs.srv import Trigger
 
 from mmtta_ros.core.builder import build_pipeline, build_synchronizer
 from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.core.labels import answer_from_cloud, LabelLoop, request_cloud
 from mmtta_ros.core.pairing import Mailbox, TimeJump
 from mmtta_ros.core.params import NODE_NAME, node_params, output_params
 from mmtta_ros.core.realtime import SplitPipeline
@@ -39,8 +42,11 @@ from mmtta_ros.core.state import StateKeeper
 from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
 from mmtta_ros.ros.messages import cloud_message, image_message
 from mmtta_ros.ros.params import current_values
+from mmtta_ros.ros.tf_lookup import make_tf_calibration, NoTransformError
 from mmtta_ros.sensors.image import camera_info_to_intrinsics
+from mmtta_ros.sensors.pointcloud import make_pointcloud2
 from mmtta_ros.sensors.stamps import stamp_to_ns
+from mmtta_ros.viz.overlay import mark_requests
 
 IMAGE, POINTS = 0, 1
 THROTTLE_S = 5.0
@@ -67,6 +73,8 @@ class AdaptationShell:
         # worker.split: label at inference cost, adapt on another thread (core/realtime.py).
         self.split = self.params.split and pipeline.method_name != 'source'
         self.pipeline = SplitPipeline(pipeline) if self.split else pipeline
+        labels = self.params.pipeline.labels
+        self.labels = LabelLoop(labels, self.pipeline) if labels.enabled else None
         self.adapt_box = Mailbox(1)
         self._labeled = 0
         self.state = StateKeeper(self.pipeline, self.params.state)
@@ -78,16 +86,34 @@ class AdaptationShell:
                                else 1)
         self.diagnostics = NodeDiagnostics()
         self._camera_info = None
+        self.tf_calibration = self._make_tf()
         self._shell_services = [self.create_service(Trigger, '~/reset', self._on_reset),
                                 self.create_service(Trigger, '~/save_state',
                                                     self._on_save_state)]
+
+    def _make_tf(self):
+        """Return the TF lookups (ros/tf_lookup.py), or None: then the parameter, no poses."""
+        inputs = self.params.pipeline.inputs
+        if not inputs.use_tf:
+            return None
+        tf = make_tf_calibration(self, fallback_T_cam_from_lidar=inputs.T_cam_from_lidar,
+                                 odom_frame=inputs.odom_frame, timeout_s=inputs.tf_timeout_s,
+                                 ego_motion=inputs.ego_motion)
+        if tf is None:
+            self.get_logger().info(
+                'tf2_ros is not importable: extrinsics from calibration.T_cam_from_lidar, '
+                'no ego poses (the static projection)')
+        return tf
 
     def _unload(self) -> None:
         """Destroy the services and drop the pipeline (the adapted state goes with it)."""
         for service in getattr(self, '_shell_services', []):
             self.destroy_service(service)
         self._shell_services = []
-        self.pipeline = self.state = None
+        listener = getattr(getattr(self, 'tf_calibration', None), 'listener', None)
+        if listener is not None:
+            listener.unregister()
+        self.pipeline = self.state = self.labels = self.tf_calibration = None
 
     # --- activate / deactivate -----------------------------------------------------------
     def _start_io(self) -> None:
@@ -104,6 +130,14 @@ class AdaptationShell:
         self.cloud_pub = self.create_publisher(PointCloud2, '~/output/labeled_points', reliable)
         self.overlay_pub = self.create_publisher(Image, '~/output/overlay', reliable)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.request_pub = None
+        if self.labels is not None:
+            # Reliable both ways: every request and every answer is worth a human's time.
+            self.request_pub = self.create_publisher(PointCloud2, '~/output/label_requests',
+                                                     reliable)
+            self._subscriptions_io.append(self.create_subscription(
+                PointCloud2, '~/input/point_labels', self._on_point_labels,
+                QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)))
         # Wall time: a monitor must see stopped inputs even when /clock stops too.
         wall = Clock(clock_type=ClockType.STEADY_TIME)
         self._timers_io = [
@@ -140,8 +174,10 @@ class AdaptationShell:
             self.destroy_timer(timer)
         for subscription in self._subscriptions_io:
             self.destroy_subscription(subscription)
-        for publisher in (self.cloud_pub, self.overlay_pub, self.diagnostics_pub):
-            self.destroy_publisher(publisher)
+        for publisher in (self.cloud_pub, self.overlay_pub, self.diagnostics_pub,
+                          self.request_pub):
+            if publisher is not None:
+                self.destroy_publisher(publisher)
         self._timers_io, self._subscriptions_io = [], []
         # Counted (sync_dropped_reset, pairs_dropped_stale): the books still close.
         self.sync.reset()
@@ -182,6 +218,20 @@ class AdaptationShell:
     def _on_points(self, msg: PointCloud2) -> None:
         self.diagnostics.received('points')
         self._add(POINTS, msg)
+
+    def _on_point_labels(self, msg: PointCloud2) -> None:
+        try:
+            answer = answer_from_cloud(msg)
+        except SensorDataError as error:
+            self.labels.malformed()
+            self.get_logger().warning(f'rejected point labels: {error}',
+                                      throttle_duration_sec=THROTTLE_S)
+            return
+        outcome = self.labels.answer(answer)
+        if outcome.rejected:
+            self.get_logger().warning(
+                f'rejected point labels stamped {answer.stamp_ns / 1e9:.3f} s: '
+                f'{outcome.rejected.replace("_", " ")}', throttle_duration_sec=THROTTLE_S)
 
     def _add(self, index: int, msg) -> None:
         try:
@@ -224,11 +274,16 @@ class AdaptationShell:
                 continue
             try:
                 started = time.perf_counter()
-                frame = self.pipeline.frame_from_messages(image_msg, self._camera_info,
-                                                          cloud_msg)
+                frame = self._decode(image_msg, cloud_msg)
                 decoded = time.perf_counter()
                 output = (self.pipeline.predict(frame) if self.split
                           else self.pipeline.process(frame))
+                request = self.labels.request(output) if self.labels is not None else None
+            except NoTransformError as error:
+                self.diagnostics.pair_done('rejected_no_transform')
+                self.get_logger().warning(f'rejected input: {error}',
+                                          throttle_duration_sec=THROTTLE_S)
+                continue
             except SensorDataError as error:
                 self.diagnostics.pair_done('rejected_frames')
                 self.get_logger().warning(f'rejected input: {error}',
@@ -246,6 +301,11 @@ class AdaptationShell:
                 break
             published = time.perf_counter()
             self.cloud_pub.publish(cloud_message(output.cloud, cloud_msg.header))
+            if request is not None:
+                self.request_pub.publish(make_pointcloud2(
+                    PointCloud2, PointField, request_cloud(request), cloud_msg.header))
+                if output.overlay is not None:
+                    output.overlay = mark_requests(output.overlay, request.pixels)
             if output.overlay is not None:
                 self.overlay_pub.publish(image_message(output.overlay, image_msg.header))
             stages = {'decode': decoded - started, 'label': published - decoded,
@@ -257,6 +317,25 @@ class AdaptationShell:
                 if self._labeled % self.params.adapt_every == 0:
                     self.adapt_box.put(frame)
                 self._labeled += 1
+
+    def _decode(self, image_msg, cloud_msg):
+        """Return the pair as a Frame, with its transforms from TF where there is TF."""
+        if self.tf_calibration is None:
+            return self.pipeline.frame_from_messages(image_msg, self._camera_info, cloud_msg)
+        calibration = self.tf_calibration.lookup(
+            str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
+            stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
+        if calibration.extrinsics_from == 'parameter':
+            self.diagnostics.count('extrinsics_from_parameter')
+        if self.tf_calibration.ego_motion and calibration.T_odom_from_cam is None:
+            self.diagnostics.count('frames_without_ego_pose')
+        for problem in calibration.problems:
+            self.get_logger().warning(problem, throttle_duration_sec=THROTTLE_S)
+        return self.pipeline.frame_from_messages(
+            image_msg, self._camera_info, cloud_msg,
+            T_cam_from_lidar=calibration.T_cam_from_lidar,
+            T_odom_from_lidar=calibration.T_odom_from_lidar,
+            T_odom_from_cam=calibration.T_odom_from_cam)
 
     def _adapt_loop(self) -> None:
         """worker.split: adapt on the newest labeled frame handed over, at the adapter's pace."""
@@ -332,6 +411,8 @@ class AdaptationShell:
         extra = {f'sync_{key}': value for key, value in self.sync.stats.as_dict().items()}
         extra.update(pairs_dropped_stale=self.mailbox.dropped, pairs_pending=self.mailbox.pending,
                      frames_skipped_by_adapter=self.adapt_box.dropped)
+        if self.labels is not None:
+            extra.update(self.labels.counters())
         return self.diagnostics.values(extra)
 
     def _publish_diagnostics(self) -> None:

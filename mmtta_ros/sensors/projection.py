@@ -70,6 +70,32 @@ def check_transform(T: np.ndarray) -> np.ndarray:
     return T
 
 
+def rigid_inverse(T: np.ndarray) -> np.ndarray:
+    """Return the inverse <np.float64: 4, 4> of a rigid transform (R^T, -R^T t), exactly."""
+    T = np.asarray(T, dtype=np.float64)
+    inverse = np.eye(4)
+    inverse[:3, :3] = T[:3, :3].T
+    inverse[:3, 3] = -T[:3, :3].T @ T[:3, 3]
+    return inverse
+
+
+def ego_motion_cam_from_lidar(T_odom_from_lidar: np.ndarray,
+                              T_odom_from_cam: np.ndarray) -> np.ndarray:
+    """
+    T_cam_from_lidar <np.float64: 4, 4> across the ego motion between two stamps.
+
+    T_odom_from_lidar: <4, 4> the LiDAR's pose at the sweep's stamp; T_odom_from_cam:
+    <4, 4> the camera's pose at the image's stamp, both in one fixed (odometry) frame. A
+    point goes LiDAR -> odom at the sweep's stamp, then odom -> camera at the image's:
+    the nuScenes devkit's chain (LiDAR -> ego at the LiDAR stamp -> global -> ego at the
+    image stamp -> camera), whose middle steps are the two poses. SensorDataError if
+    either is not a rigid transform.
+    """
+    T_odom_from_lidar = check_transform(T_odom_from_lidar)
+    T_odom_from_cam = check_transform(T_odom_from_cam)
+    return rigid_inverse(T_odom_from_cam) @ T_odom_from_lidar
+
+
 def quaternion_to_matrix(q_xyzw) -> np.ndarray:
     """Rotation <np.float64: 3, 3> from a quaternion (x, y, z, w), ROS order; normalised."""
     q = np.asarray(q_xyzw, dtype=np.float64)

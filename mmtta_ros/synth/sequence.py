@@ -3,7 +3,8 @@ Sequences: a drive through a generated street, as raw sensor streams or as paire
 
 The LiDAR sweeps at 20 Hz and the camera shoots at 12 Hz on its own clock. A Frame pairs a
 sweep with the image nearest in time; the image is rendered at its own stamp and pose, so the
-static calibration `T_cam_from_lidar` leaves a small ego-motion misalignment, as on a real car.
+static calibration `T_cam_from_lidar` leaves a small ego-motion misalignment, as on a real car
+(a Frame carries both true poses, which compensate it).
 Every sample draws its noise from a random stream keyed by (seed, domain, sensor, index), so a
 sample is the same whichever way, and in whatever order, it is generated.
 """
@@ -151,11 +152,23 @@ class SyntheticSequence:
     def _time_s(self, stamp_ns: int) -> float:
         return (stamp_ns - self.stamp0_ns) * 1e-9
 
+    def ego_pose(self, stamp_ns: int) -> np.ndarray:
+        """T_world_from_ego <np.float64: 4, 4> at `stamp_ns` (the world is the drive's odom)."""
+        return self.scene.ego_pose(self._time_s(stamp_ns))
+
+    def lidar_pose(self, index: int) -> np.ndarray:
+        """T_world_from_lidar <np.float64: 4, 4> of sweep `index`, without ray casting it."""
+        return self.ego_pose(self.lidar_stamp(index)) @ T_EGO_FROM_LIDAR
+
+    def camera_pose(self, stamp_ns: int) -> np.ndarray:
+        """T_world_from_cam <np.float64: 4, 4> (optical frame) at `stamp_ns`, without rendering."""
+        return self.ego_pose(stamp_ns) @ T_EGO_FROM_CAM
+
     def lidar_sweep(self, index: int) -> LidarSweep:
         """Sweep `index` (0 at the sequence start)."""
         stamp = self.lidar_stamp(index)
         time_s = self._time_s(stamp)
-        T_world_from_lidar = self.scene.ego_pose(time_s) @ T_EGO_FROM_LIDAR
+        T_world_from_lidar = self.lidar_pose(index)
         scan = self.lidar.scan(self.scene.primitives_at(time_s), self.scene.ground,
                                T_world_from_lidar, self._rng(10, index))
         return LidarSweep(stamp_ns=stamp, index=index, points_lidar=scan.points_lidar,
@@ -175,7 +188,7 @@ class SyntheticSequence:
                            self.lighting, self._rng(11, index + 1_000_000))
         return CameraImage(stamp_ns=stamp_ns, index=index, image=rendering.image,
                            labels=rendering.labels, depth=rendering.depth, K=self.K.copy(),
-                           T_world_from_cam=T_world_from_ego @ T_EGO_FROM_CAM)
+                           T_world_from_cam=self.camera_pose(stamp_ns))
 
     def frame(self, number: int) -> Frame:
         """Frame `number`: sweep number * frame_stride and the image nearest to it."""
@@ -185,7 +198,13 @@ class SyntheticSequence:
                      T_cam_from_lidar=self.T_cam_from_lidar.copy(),
                      stamp_lidar_ns=sweep.stamp_ns, stamp_image_ns=image.stamp_ns,
                      intensity=sweep.intensity, labels=sweep.labels, lidar_frame_id='lidar',
-                     sequence=self.name, index=number)
+                     sequence=self.name, index=number,
+                     T_odom_from_lidar=sweep.T_world_from_lidar.copy(),
+                     T_odom_from_cam=image.T_world_from_cam.copy())
+
+    def frame_pose(self, number: int) -> np.ndarray:
+        """T_odom_from_lidar <np.float64: 4, 4> of Frame `number`, without rendering it."""
+        return self.lidar_pose(number * self.config.frame_stride)
 
     def camera_indices(self) -> range:
         """Images whose stamps fall within the sweeps' time span, padded by half a period."""

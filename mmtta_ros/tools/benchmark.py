@@ -23,8 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--jobs', type=int, default=2, help='processes (one torch thread each)')
     parser.add_argument('--shifts', nargs='+', help='only these shifts')
     parser.add_argument('--rows', nargs='+', help='only these rows')
+    parser.add_argument('--checkpoints', nargs='+', metavar='PT',
+                        help="source checkpoints to use instead of the suite's")
     parser.add_argument('--readme', default='README.md')
     parser.add_argument('--plot', default='benchmarks/stream_miou.png')
+    parser.add_argument('--label-plot', default='benchmarks/label_budget.png',
+                        help='mIoU against labeled points per frame (label rows only)')
     parser.add_argument('--report-only', action='store_true',
                         help='only regenerate the tables and the plot from the results')
     return parser
@@ -38,7 +42,8 @@ def main(argv=None) -> int:
     for path in (args.suite, args.readme):
         if not Path(path).is_file():
             raise SystemExit(f'no file {path}')
-    from mmtta_ros.eval.report import plot_streams, render_tables, update_readme
+    from mmtta_ros.eval.report import (
+        plot_label_budget, plot_streams, render_tables, update_readme)
     from mmtta_ros.eval.suite import load_suite, run_suite
 
     try:
@@ -48,11 +53,13 @@ def main(argv=None) -> int:
         else:
             results = run_suite(args.suite, args.results, models_dir=args.models_dir,
                                 cache_dir=args.cache_dir, jobs=args.jobs, shifts=args.shifts,
-                                rows=args.rows, params_file=args.params_file)
+                                rows=args.rows, params_file=args.params_file,
+                                checkpoints=args.checkpoints)
     except (ValueError, OSError) as error:
         raise SystemExit(f'mmtta_benchmark: {error}')
     update_readme(Path(args.readme), render_tables(results))
     plot_streams(results, Path(args.plot))
+    plot_label_budget(results, Path(args.label_plot))
     print(f'{len(results["records"])} records in {args.results}; tables in {args.readme}, '
           f'plot {args.plot}')
     return 0

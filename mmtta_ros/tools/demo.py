@@ -17,9 +17,11 @@ import subprocess
 import sys
 import time
 
+from mmtta_ros.bags.topics import BagTopics
 from mmtta_ros.eval.live_demo import (
     ensure_demo_bag, ensure_source_model, format_live_table, log, run_live,
     score_labeled_bag)
+from mmtta_ros.ros.dds_profile import dds_environment, PROFILES_VARIABLE
 
 
 def main(argv=None) -> int:
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument('--latest-only', action='store_true',
                         help='the node labels only the newest pair, as it does live (the runs '
                              'then label different sweeps); default: every pair, in order')
+    parser.add_argument('--no-dds-profile', action='store_true',
+                        help='leave Fast DDS its defaults (also MMTTA_DDS_PROFILE=0); default: '
+                             'every process loads config/fastdds_large_data.xml')
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -66,11 +71,15 @@ def main(argv=None) -> int:
         raise SystemExit(f'writing the demo bag failed (exit code {writer.returncode})')
     ensure_demo_bag(bag, args.seed, args.duration)
 
-    env = dict(os.environ)
+    # The node, the player and this process's recorder: shared memory that holds the clouds.
+    env = dds_environment(enabled=False if args.no_dds_profile else None)
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     env.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
     os.environ.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
                       ROS_DOMAIN_ID=env['ROS_DOMAIN_ID'])
+    if env.get(PROFILES_VARIABLE):
+        os.environ[PROFILES_VARIABLE] = env[PROFILES_VARIABLE]
+        log(f'Fast DDS profile: {env[PROFILES_VARIABLE]}')
     parameters = {'adaptation.mmtta.momentum': args.momentum} if args.momentum else {}
     player_args = []
     if not args.latest_only:
@@ -80,7 +89,11 @@ def main(argv=None) -> int:
         # Reliable both ends: best-effort ~700 KB clouds over loopback lose about half the
         # sweeps on this machine, and each run would lose different ones.
         parameters['inputs.reliable'] = True
-        player_args = ['--delay', '5', '--reliable']
+        # Keep last: a reliable reader whose callbacks fall more than `depth` messages behind
+        # still drops the oldest, so the depth covers the whole bag.
+        parameters['inputs.depth'] = 1000
+        player_args = ['--wait-for', BagTopics.image, BagTopics.camera_info, BagTopics.lidar,
+                       '--delay', '5', '--reliable']
     reports = [run_live(method, checkpoint, bag, out_dir, args.rate, env,
                         parameters=parameters, player_args=player_args, settle_timeout=300.0)
                for method in args.methods]

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar=('MIN', 'MAX'), help='stamp-to-log-time delay range')
     parser.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
                         help='rendering processes (the bag is the same for any number)')
+    parser.add_argument('--with-tf', action='store_true',
+                        help='also write the ego pose (odom -> base_link) on /tf')
     return parser
 
 
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
             render_size=None if args.render_native else tuple(args.render_size),
             storage=args.storage, jpeg_quality=args.jpeg_quality,
             lidar_azimuth_steps=args.lidar_azimuth_steps, latency_ms=tuple(args.latency_ms),
-            workers=args.workers, progress=progress)
+            workers=args.workers, with_tf=args.with_tf, progress=progress)
     except (FileExistsError, ValueError, WriterError) as error:
         print(f'mmtta_make_demo_bag: {error}', file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from mmtta_ros.bags.reader import BagFrameReader
 from mmtta_ros.core.builder import build_pipeline
 from mmtta_ros.core.params import default_params_file, node_params, read_params_file
 from mmtta_ros.eval.live_demo import ensure_demo_bag, ensure_source_model, run_live
+from mmtta_ros.ros.dds_profile import dds_environment, PROFILES_VARIABLE
 from mmtta_ros.synth import T_CAM_FROM_LIDAR
 
 
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument('--offline-frames', type=int, default=20)
     parser.add_argument('--param', action='append', default=[], metavar='NAME=VALUE',
                         help='a node parameter for the run (repeatable), e.g. threads=1')
+    parser.add_argument('--no-dds-profile', action='store_true',
+                        help='leave Fast DDS its defaults (also MMTTA_DDS_PROFILE=0); default: '
+                             'node, player and recorder load config/fastdds_large_data.xml')
     args = parser.parse_args(argv)
     parameters = {}
     for pair in args.param:
@@ -67,10 +71,13 @@ def main(argv=None) -> int:
     bag = (data / 'bags' / f'night_demo_s{args.seed}_{args.duration:.0f}s').resolve()
     ensure_source_model(checkpoint, data / 'cache', 300)
     ensure_demo_bag(bag, args.seed, args.duration)
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+    env = dds_environment(enabled=False if args.no_dds_profile else None)
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     env.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
     os.environ.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
                       ROS_DOMAIN_ID=env['ROS_DOMAIN_ID'])
+    if env.get(PROFILES_VARIABLE):  # this process's recorder too
+        os.environ[PROFILES_VARIABLE] = env[PROFILES_VARIABLE]
 
     live = run_live(args.method, checkpoint, bag, out_dir, args.rate, env, pictures=False,
                     parameters=parameters)
@@ -80,7 +87,8 @@ def main(argv=None) -> int:
     def figure(name, default='nan'):
         return float(values.get(name, default))
     print(f'node benchmark: {args.method}, tiny model, demo bag {bag.name} at {args.rate}x, '
-          f'CPU, node parameters {parameters or "as configured"}')
+          f'CPU, node parameters {parameters or "as configured"}, Fast DDS profile '
+          f'{env.get(PROFILES_VARIABLE) or "none"}')
     in_bag = read_topics(bag)['/LIDAR_TOP'].message_count
     print(f'  sweeps in the bag (20 Hz)             {in_bag}')
     print(f'  sweeps received by the node           {values.get("points_received")}')

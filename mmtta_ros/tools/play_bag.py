@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--delay', type=float, default=0.0, metavar='SECONDS',
                         help='wait this long before playing, so subscribers discover the '
                              'new publishers first (as ros2 bag play --delay)')
+    parser.add_argument('--wait-for', nargs='+', default=[], metavar='TOPIC',
+                        help='first wait until each of these topics has a subscriber (then '
+                             '--delay), at most --wait-timeout seconds')
+    parser.add_argument('--wait-timeout', type=float, default=60.0, metavar='SECONDS')
     parser.add_argument('--reliable', action='store_true',
                         help='offer every topic reliable (lossless to a reliable subscriber)')
     parser.add_argument('--clock-hz', type=float, default=40.0,
@@ -40,10 +44,16 @@ def main(argv=None) -> int:
                                   clock_hz=args.clock_hz)
     except ValueError as error:
         raise SystemExit(f'mmtta_play_bag: {error}')
+    if args.wait_timeout < 0 or args.delay < 0:
+        raise SystemExit('mmtta_play_bag: --delay and --wait-timeout must be >= 0')
     rclpy.init(args=None)
     player = None
     try:
         player = BagPlayer(args.bag, options, reliable=args.reliable)
+        missing = player.wait_for_subscribers(args.wait_for, args.wait_timeout)
+        if missing:
+            print(f'mmtta_play_bag: no subscriber after {args.wait_timeout:g} s on '
+                  f'{", ".join(missing)}; playing anyway', file=sys.stderr, flush=True)
         if args.delay > 0:
             time.sleep(args.delay)
         player.run()

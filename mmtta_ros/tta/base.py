@@ -286,7 +286,10 @@ class NormAdaptationMethod(AdaptationMethod):
     in Latte: AdamW for the 2D branch (lr_2d, weight_decay_2d; Latte sets weight decay to
     0 on norm parameters), Adam for the 3D branch (lr_3d). One optimiser step per batch.
     Subclasses give the loss through `objective`; a None or non-finite loss skips the
-    update (stats['updated'] False).
+    update (stats['updated'] False). `use_supervision` gives any learning method a
+    tta.supervision.LabelReplay: after its own update, one step on the answered points
+    of label requests (stats['updated'] is then True too); the replay is part of the
+    state and a reset empties it.
 
     lr_2d: learning rate of the 2D branch's batch-norm affine parameters (AdamW)
     lr_3d: learning rate of the 3D branch's batch-norm affine parameters (Adam)
@@ -316,6 +319,7 @@ class NormAdaptationMethod(AdaptationMethod):
         self._initial_optimizer_states = {
             key: copy.deepcopy(optimizer.state_dict())
             for key, optimizer in self.optimizers.items()}
+        self.supervision = None  # optional LabelReplay (tta/supervision.py)
 
     def objective(self, logits_2d: torch.Tensor, logits_3d: torch.Tensor
                   ) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
@@ -362,18 +366,38 @@ class NormAdaptationMethod(AdaptationMethod):
                 optimizer.step()
                 # Grads are not needed past this step: keep nothing alive between steps.
                 optimizer.zero_grad(set_to_none=True)
+        if self.supervision is not None:
+            # After the method's own step: the label step's graph is its own.
+            supervised = to_numbers(self.supervision.step(self.model, self.name))
+            numbers.update(supervised)
+            updated = updated or supervised.get('supervised_step', False)
         numbers['updated'] = updated
         return numbers
+
+    def use_supervision(self, replay) -> None:
+        """Take answered labels into adaptation: a LabelReplay over this method's parameters."""
+        replay.attach(*branch_norm_parameters(self.model, self.name))
+        self.supervision = replay
 
     def _reset_extra(self) -> None:
         for key, optimizer in self.optimizers.items():
             optimizer.zero_grad(set_to_none=True)
             optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer_states[key]))
+        if self.supervision is not None:
+            self.supervision.clear()
 
     def _extra_state(self) -> Dict[str, Any]:
-        return {'optimizers': {key: optimizer.state_dict()
-                               for key, optimizer in self.optimizers.items()}}
+        state = {'optimizers': {key: optimizer.state_dict()
+                                for key, optimizer in self.optimizers.items()}}
+        if self.supervision is not None:
+            state['supervision'] = self.supervision.state_dict()
+        return state
 
     def _load_extra(self, state: Dict[str, Any]) -> None:
         for key, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state['optimizers'][key])
+        if self.supervision is not None:
+            if 'supervision' in state:
+                self.supervision.load_state_dict(state['supervision'])
+            else:
+                self.supervision.clear()

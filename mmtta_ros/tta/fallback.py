@@ -14,7 +14,7 @@ on either way, so the method can recover. Cost: one source forward per step.
 
 import copy
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ class SourceFallback:
         self.smoothing = float(smoothing)
         self.name = method.name
         self.stats: Dict[str, Any] = {}
+        self._last_source: Optional[Tuple[Any, Any]] = None  # (inputs, source output)
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -61,6 +62,11 @@ class SourceFallback:
         """Return the adapted model."""
         return self.method.model
 
+    @property
+    def supervision(self):
+        """Return the wrapped method's label replay (None if it has none)."""
+        return getattr(self.method, 'supervision', None)
+
     def step(self, inputs: Any) -> Any:
         """Adapt and predict with the method; return that or the source prediction."""
         adapted = self.method.step(inputs)
@@ -68,6 +74,7 @@ class SourceFallback:
             self.source_model.eval()
             source = detach_output(self.source_model(inputs))
         check_output(source, 'fallback')
+        self._last_source = (inputs, source)
         now = to_numbers({'adapted': agreement(adapted.logits_2d, adapted.logits_3d),
                           'source': agreement(source.logits_2d, source.logits_3d)})
         if self.agreement_adapted is None:
@@ -87,6 +94,16 @@ class SourceFallback:
                      agreement_source=self.agreement_source)
         self.stats = stats
         return prediction
+
+    def source_output_for(self, inputs: Any) -> Any:
+        """
+        Return (once) the source model's output of the step just taken on `inputs`, else None.
+
+        A wrapper around this one that needs the same source forward (tta/source_branch.py)
+        takes it instead of running the source model again.
+        """
+        last, self._last_source = self._last_source, None
+        return last[1] if last is not None and last[0] is inputs else None
 
     def _falling_back(self) -> bool:
         return (self.agreement_adapted is not None

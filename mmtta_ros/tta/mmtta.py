@@ -40,12 +40,16 @@ class PseudoLabels:
     zeta_2d:   <float32: M> Sim(fast, slow) of the 2D branch
     zeta_3d:   <float32: M> Sim(fast, slow) of the 3D branch
     weight_2d: <float32: M> share of the 2D branch in the label: w2D (soft), 1 or 0 (hard)
+    probs:     <float32: M, C> w2D·p2D + (1 - w2D)·p3D, the distribution the label is the
+               argmax of (before the threshold); None where the producer does not
+               fill it in (latte_pseudo_labels)
     """
 
     labels: torch.Tensor
     zeta_2d: torch.Tensor
     zeta_3d: torch.Tensor
     weight_2d: torch.Tensor
+    probs: Optional[torch.Tensor] = None
 
 
 def modality_weights(zeta_2d: torch.Tensor, zeta_3d: torch.Tensor
@@ -104,9 +108,19 @@ def mmtta_pseudo_labels(fast_2d: torch.Tensor, slow_2d: torch.Tensor, fast_3d: t
     probs_3d = F.softmax(0.5 * (fast_3d + slow_3d), dim=1)
     zeta_2d = inverse_kl_similarity(fast_2d, slow_2d, eps)
     zeta_3d = inverse_kl_similarity(fast_3d, slow_3d, eps)
+    return refined_pseudo_labels(probs_2d, probs_3d, zeta_2d, zeta_3d, selection=selection,
+                                 threshold=threshold)
+
+
+@torch.no_grad()
+def refined_pseudo_labels(probs_2d: torch.Tensor, probs_3d: torch.Tensor,
+                          zeta_2d: torch.Tensor, zeta_3d: torch.Tensor, *,
+                          selection: str = 'soft', threshold: float = 0.3) -> PseudoLabels:
+    """Return inter_modal_pseudo_labels (same arguments) with ζ and the mixed distribution."""
     labels, weight_2d = inter_modal_pseudo_labels(probs_2d, probs_3d, zeta_2d, zeta_3d,
                                                   selection=selection, threshold=threshold)
-    return PseudoLabels(labels, zeta_2d, zeta_3d, weight_2d)
+    probs = weight_2d[:, None] * probs_2d + (1.0 - weight_2d)[:, None] * probs_3d
+    return PseudoLabels(labels, zeta_2d, zeta_3d, weight_2d, probs)
 
 
 class MMTTA(NormAdaptationMethod):
@@ -174,24 +188,11 @@ class MMTTA(NormAdaptationMethod):
         self.slow_model.eval()
         with torch.no_grad():
             slow_output = self.slow_model(inputs)
-        slow_2d, slow_3d = check_output(slow_output, self.name)
+        check_output(slow_output, self.name)
         fast_output = self.model(inputs)
-        fast_2d, fast_3d = check_output(fast_output, self.name)
-        pseudo = mmtta_pseudo_labels(fast_2d.detach(), slow_2d, fast_3d.detach(), slow_3d,
-                                     selection=self.selection, threshold=self.threshold,
-                                     eps=self.eps)
-        kept = pseudo.labels != IGNORE_INDEX
-        loss = None
-        if bool(kept.any()):
-            loss = (masked_cross_entropy(fast_2d, pseudo.labels)
-                    + masked_cross_entropy(fast_3d, pseudo.labels))
-        values = self._optimise(loss, {
-            'kept_ratio': kept.float().mean(),
-            # Medians: ζ reaches 1/eps where fast and slow agree, which swamps a mean.
-            'zeta_2d': pseudo.zeta_2d.median(),
-            'zeta_3d': pseudo.zeta_3d.median(),
-            'weight_2d': pseudo.weight_2d.mean(),
-        })
+        check_output(fast_output, self.name)
+        loss, values = self.pair_objective(inputs, fast_output, slow_output)
+        values = self._optimise(loss, values)
         if values['updated']:
             ema_update(self.slow_model, self.model, self.momentum, self.ema_targets)
         if self.predict_before_update or not values['updated']:
@@ -200,6 +201,48 @@ class MMTTA(NormAdaptationMethod):
             after = self.slow_model(inputs)
         check_output(after, self.name)
         return detach_output(after), values
+
+    @torch.no_grad()
+    def pseudo_labels(self, fast_output: Any, slow_output: Any
+                      ) -> Tuple[PseudoLabels, Dict[str, Any]]:
+        """
+        Return (this batch's pseudo-labels, extra stats) from the fast and slow outputs.
+
+        Both outputs carry .logits_2d / .logits_3d <float32: M, C> (the fast ones with a
+        graph, detached here). Methods built on MM-TTA's pair (cbst, proda) refine this.
+        """
+        pseudo = mmtta_pseudo_labels(fast_output.logits_2d.detach(), slow_output.logits_2d,
+                                     fast_output.logits_3d.detach(), slow_output.logits_3d,
+                                     selection=self.selection, threshold=self.threshold,
+                                     eps=self.eps)
+        return pseudo, {}
+
+    def pair_objective(self, inputs: Any, fast_output: Any, slow_output: Any
+                       ) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+        """
+        Return (loss or None, stats) of one batch from the fast and slow models' outputs.
+
+        fast_output carries the graph (the fast model in batch-norm train mode), slow_output
+        is the slow model's prediction without one. MM-TTA's loss: CE of each fast branch
+        against the Inter-PR pseudo-labels; None where every point is ignored. Methods built
+        on the fast/slow pair (mic, ftd) change or extend this; cbst and proda refine
+        the pseudo-labels alone (pseudo_labels).
+        """
+        fast_2d, fast_3d = fast_output.logits_2d, fast_output.logits_3d
+        pseudo, extra = self.pseudo_labels(fast_output, slow_output)
+        kept = pseudo.labels != IGNORE_INDEX
+        loss = None
+        if bool(kept.any()):
+            loss = (masked_cross_entropy(fast_2d, pseudo.labels)
+                    + masked_cross_entropy(fast_3d, pseudo.labels))
+        return loss, {
+            'kept_ratio': kept.float().mean(),
+            # Medians: ζ reaches 1/eps where fast and slow agree, which swamps a mean.
+            'zeta_2d': pseudo.zeta_2d.median(),
+            'zeta_3d': pseudo.zeta_3d.median(),
+            'weight_2d': pseudo.weight_2d.mean(),
+            **extra,
+        }
 
     def _predict(self, inputs: Any) -> Any:
         self.slow_model.eval()

@@ -6,7 +6,8 @@ Test-time adaptation here touches batch-norm layers only (all of
 sparse-conv features of the 3D branch). Everything else stays frozen and in eval mode.
 """
 
-from typing import List, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Tuple
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -102,3 +103,23 @@ def branch_norm_parameters(model: nn.Module, method: str
                 f'{method} adapts batch-norm affine parameters, but model.{branch} has no '
                 f'batch-norm layer with affine=True; use the source method for this model')
     return params_2d, params_3d
+
+
+@contextmanager
+def untracked_batch_stats(module: nn.Module) -> Iterator[nn.Module]:
+    """
+    Within the block, batch norm under `module` normalises with batch statistics and records none.
+
+    For an extra forward of the fast model on an altered input (a masked image): its
+    statistics must not replace the current batch's in the buffers a slow model averages
+    (configure_norm_adaptation with record_batch_stats). Restores the settings on exit.
+    """
+    layers = norm_layers(module)
+    saved = [layer.track_running_stats for _, layer in layers]
+    try:
+        for _, layer in layers:
+            layer.track_running_stats = False
+        yield module
+    finally:
+        for (_, layer), tracked in zip(layers, saved):
+            layer.track_running_stats = tracked

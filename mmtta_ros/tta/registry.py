@@ -7,7 +7,12 @@ from torch import nn
 
 from mmtta_ros.tta.base import AdaptationMethod
 from mmtta_ros.tta.bn_stats import BatchNormStatistics
+from mmtta_ros.tta.cbst import CBST
+from mmtta_ros.tta.latte import Latte
+from mmtta_ros.tta.ftd import FusionThenDistillation
+from mmtta_ros.tta.mic import MaskedImageConsistency
 from mmtta_ros.tta.mmtta import MMTTA
+from mmtta_ros.tta.proda import ProDA
 from mmtta_ros.tta.source import SourceOnly
 from mmtta_ros.tta.tent import Tent
 from mmtta_ros.tta.tent_ens import TentEnsemble
@@ -17,7 +22,8 @@ from mmtta_ros.tta.xmuda_pl import XMUDAPseudoLabel
 METHODS: Dict[str, Type[AdaptationMethod]] = {
     method.name: method
     for method in (SourceOnly, BatchNormStatistics, Tent, TentEnsemble, XMUDA,
-                   XMUDAPseudoLabel, MMTTA)
+                   XMUDAPseudoLabel, MMTTA, Latte, CBST, ProDA,
+                   MaskedImageConsistency, FusionThenDistillation)
 }
 
 

@@ -26,3 +26,13 @@ def draw_points(image_rgb: np.ndarray, pixels: np.ndarray, colors: np.ndarray,
     vv = np.clip(v[:, None] + dv.reshape(1, -1), 0, height - 1)
     out[vv.reshape(-1), uu.reshape(-1)] = np.repeat(colors, du.size, axis=0)
     return out
+
+
+# Requested points on the overlay: magenta, a size bigger than the labeled points.
+REQUEST_COLOR = (255, 0, 255)
+
+
+def mark_requests(image_rgb: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Return a copy of <uint8: H, W, 3> with the label-requested pixels <M, 2> marked."""
+    colors = np.tile(np.asarray(REQUEST_COLOR, dtype=np.uint8), (len(pixels), 1))
+    return draw_points(image_rgb, pixels, colors, radius=2)
