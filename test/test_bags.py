@@ -722,3 +722,18 @@ def test_the_player_waits_for_subscribers_and_refuses_topics_it_does_not_play(ba
     assert f'no subscriber after 0.5 s on {TOPICS.lidar}; playing anyway' in err
     assert f'{NUM_SWEEPS:8d}  {TOPICS.lidar}' in out
 
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_a_reliable_player_ends_at_once_without_readers_and_refuses_a_negative_ack_timeout(bags):
+    pytest.importorskip('rclpy')
+    refused = _start_player(bags['mcap'], '--reliable', '--ack-timeout', '-1')
+    out, err = refused.communicate(timeout=30)
+    assert refused.returncode != 0 and 'Traceback' not in err
+    assert '--ack-timeout must be >= 0' in err
+    # No reader: nothing waits to be acknowledged, so no warning and no 30 s wait.
+    alone = _start_player(bags['mcap'], '--rate', '8', '--topics', TOPICS.lidar, '--reliable')
+    out, err = alone.communicate(timeout=25)
+    assert alone.returncode == 0, err
+    assert 'not acknowledged' not in err
+    assert f'{NUM_SWEEPS:8d}  {TOPICS.lidar}' in out

@@ -11,6 +11,7 @@ import importlib
 import time
 from typing import Dict, Optional
 
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.interfaces import QosReliability
@@ -108,6 +109,22 @@ class BagPlayer(Node):
             if waiting:
                 time.sleep(0.05)
         return waiting
+
+    def wait_for_acknowledgements(self, timeout_s: float) -> list:
+        """
+        Wait until every reliable reader has acknowledged what was played, at most `timeout_s`.
+
+        Return the topics still unacknowledged. A process that exits right after its last
+        publish takes the samples a slow reliable reader has not fetched yet with it (under
+        load the last sweep of a bag went missing this way).
+        """
+        deadline = time.monotonic() + timeout_s
+        unacknowledged = []
+        for topic, publisher in sorted(self._topic_publishers.items()):
+            left_s = max(0.0, deadline - time.monotonic())
+            if not publisher.wait_for_all_acked(Duration(nanoseconds=int(left_s * 1e9))):
+                unacknowledged.append(topic)
+        return unacknowledged
 
     def _publish(self, topic: str, raw: bytes) -> None:
         publisher = self._topic_publishers.get(topic)

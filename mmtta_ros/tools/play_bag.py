@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--wait-timeout', type=float, default=60.0, metavar='SECONDS')
     parser.add_argument('--reliable', action='store_true',
                         help='offer every topic reliable (lossless to a reliable subscriber)')
+    parser.add_argument('--ack-timeout', type=float, default=30.0, metavar='SECONDS',
+                        help='with --reliable: at the end, wait at most this long until every '
+                             'reliable reader has acknowledged what was played')
     parser.add_argument('--clock-hz', type=float, default=40.0,
                         help='/clock publications per second')
     return parser
@@ -44,8 +47,9 @@ def main(argv=None) -> int:
                                   clock_hz=args.clock_hz)
     except ValueError as error:
         raise SystemExit(f'mmtta_play_bag: {error}')
-    if args.wait_timeout < 0 or args.delay < 0:
-        raise SystemExit('mmtta_play_bag: --delay and --wait-timeout must be >= 0')
+    if min(args.wait_timeout, args.delay, args.ack_timeout) < 0:
+        raise SystemExit('mmtta_play_bag: --delay, --wait-timeout and --ack-timeout '
+                         'must be >= 0')
     rclpy.init(args=None)
     player = None
     try:
@@ -57,6 +61,11 @@ def main(argv=None) -> int:
         if args.delay > 0:
             time.sleep(args.delay)
         player.run()
+        if args.reliable:
+            unacknowledged = player.wait_for_acknowledgements(args.ack_timeout)
+            if unacknowledged:
+                print(f'mmtta_play_bag: not acknowledged after {args.ack_timeout:g} s on '
+                      f'{", ".join(unacknowledged)}', file=sys.stderr, flush=True)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (FileNotFoundError, ValueError) as error:
