@@ -26,7 +26,8 @@ def test_adapt_yaml_declares_every_parameter_with_a_valid_value():
     # The YAML's values are the generated defaults (the constructors' own), but for the
     # node's defaults chosen on the suite's validation shift (commented in the YAML).
     chosen = {'adaptation.mmtta.momentum': 0.9, 'adaptation.fallback': True,
-              'adaptation.source_branch': '3d'}
+              'adaptation.source_branch': '3d', 'adaptation.calibrate': True,
+              'output.fusion': 'product'}
     for name, value in values.items():
         assert coerce_value(name, value) == chosen.get(name, SPECS[name].default), name
 

@@ -32,7 +32,10 @@ def _pipeline(method='mmtta', **values):
 
 @pytest.mark.parametrize('method,values', [
     ('mmtta', {'adaptation.mmtta.momentum': 0.5}), ('tent_ens', {}),
-    ('mmtta', {'adaptation.fallback': True})])
+    ('mmtta', {'adaptation.fallback': True}),
+    # The node's default composition: fallback, calibration, source 3D, product fusion.
+    ('mmtta', {'adaptation.fallback': True, 'adaptation.calibrate': True,
+               'adaptation.source_branch': '3d', 'output.fusion': 'product'})])
 def test_when_the_adapter_keeps_up_the_labels_are_the_papers_protocol(frames, method, values):
     reference = _pipeline(method, **values)
     split = SplitPipeline(_pipeline(method, **values))

@@ -18,6 +18,7 @@ from mmtta_ros.core.params import PipelineParams, SyncParams
 from mmtta_ros.core.pipeline import Pipeline
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig, SegmenterInput
 from mmtta_ros.tta import build_method, CollapseGuard, METHODS, NormAdaptationMethod
+from mmtta_ros.tta.calibration import SourceCalibration
 from mmtta_ros.tta.fallback import SourceFallback
 from mmtta_ros.tta.source_branch import SourceBranch
 from mmtta_ros.tta.supervision import LabelReplay
@@ -82,7 +83,7 @@ def build_pipeline(params: PipelineParams, *, model: Optional[torch.nn.Module] =
         guard = CollapseGuard(max_dominant_fraction=adaptation.max_dominant_fraction,
                               patience=adaptation.patience)
     source_copy = None
-    wrapped = adaptation.method != 'source' and (adaptation.fallback
+    wrapped = adaptation.method != 'source' and (adaptation.fallback or adaptation.calibrate
                                                  or adaptation.source_branch != 'none')
     if wrapped:
         source_copy = copy.deepcopy(model)  # before the method configures the model
@@ -100,8 +101,12 @@ def build_pipeline(params: PipelineParams, *, model: Optional[torch.nn.Module] =
     if adaptation.fallback and source_copy is not None:
         method = SourceFallback(method, source_copy, margin=adaptation.fallback_margin,
                                 smoothing=adaptation.fallback_smoothing)
+    calibrated = [b for b in ('2d', '3d') if b != adaptation.source_branch]
+    if adaptation.calibrate and source_copy is not None:
+        # Inside the source branch: a branch taken from the source needs no calibration.
+        method = SourceCalibration(method, source_copy, branches=calibrated)
     if adaptation.source_branch != 'none' and source_copy is not None:
-        # Both wrappers only read the frozen copy: one copy serves both.
+        # The wrappers only read the frozen copy: one copy serves them all.
         method = SourceBranch(method, source_copy, branch=adaptation.source_branch)
     return Pipeline(method, device, batch_frames=adaptation.batch_frames,
                     min_depth=params.model.min_depth, image_size=params.model.image_size,

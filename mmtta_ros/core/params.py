@@ -19,6 +19,7 @@ import yaml
 
 from mmtta_ros.core.classes import CLASS_NAMES, CLASS_PALETTE
 from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.models.segmenter import FUSIONS
 from mmtta_ros.sensors.image import MAX_IMAGE_PIXELS
 from mmtta_ros.sensors.projection import parse_extrinsics
 from mmtta_ros.tta.hyper import hyperparameters
@@ -108,6 +109,11 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('adaptation.source_branch', 'none', 'publish this branch\'s prediction from the '
               'frozen source model while the method adapts both (none, 2d, 3d; see '
               'tta/source_branch.py)', choices=('none', '2d', '3d'), read_only=True),
+    ParamSpec('adaptation.calibrate', False, 'publish each adapted branch at the frozen source '
+              'model\'s confidence on the same frame: one temperature per frame and branch, '
+              'labels of each branch unchanged, only its weight in the 2D+3D fusion (one '
+              'source forward of those branches a frame; see tta/calibration.py)',
+              read_only=True),
     # Labels only if required (LabOR): requests out, answered points in (core/labels.py).
     ParamSpec('labels.mode', 'none', 'ask for labels: none, point (LabOR PPL: within the '
               'points where 2D and 3D disagree, those nearest their class prototype), '
@@ -153,6 +159,10 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               'RGB per class, flattened (3 integers 0..255 per class)', read_only=True),
     # Outputs.
     ParamSpec('output.publish_overlay', True, 'publish the camera image with labeled points'),
+    ParamSpec('output.fusion', 'mean', 'how the 2D and 3D branches make the published 2D+3D '
+              'label: mean (xMUDA: mean of the two softmaxes) or product (sum of '
+              'log-probabilities: an unsure branch leaves a point to the other)',
+              choices=FUSIONS),
     ParamSpec('output.include_out_of_view', True, 'also publish points outside the camera view '
               '(label 65535, grey)'),
     ParamSpec('diagnostics_period', 1.0, 'seconds between /diagnostics messages', 0.1, 60.0,
@@ -282,6 +292,7 @@ class AdaptationParams:
     fallback_margin: float = 0.0
     fallback_smoothing: float = 0.1
     source_branch: str = 'none'
+    calibrate: bool = False
     collapse_guard: bool = True
     max_dominant_fraction: float = 0.95
     patience: int = 10
@@ -294,6 +305,7 @@ class OutputParams:
     palette: np.ndarray = field(default_factory=lambda: CLASS_PALETTE.copy())
     include_out_of_view: bool = True
     publish_overlay: bool = True
+    fusion: str = 'mean'
 
 
 @dataclass(frozen=True)
@@ -422,6 +434,7 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
             fallback=v['adaptation.fallback'], fallback_margin=v['adaptation.fallback_margin'],
             fallback_smoothing=v['adaptation.fallback_smoothing'],
             source_branch=v['adaptation.source_branch'],
+            calibrate=v['adaptation.calibrate'],
             hyperparameters={name[len(prefix):]: value for name, value in v.items()
                              if name.startswith(prefix)},
             collapse_guard=v['reset.collapse_guard'],
@@ -469,7 +482,8 @@ def output_params(values: Mapping[str, Any]) -> OutputParams:
     return OutputParams(
         palette=np.asarray(values['classes.palette'], dtype=np.uint8).reshape(-1, 3),
         include_out_of_view=values['output.include_out_of_view'],
-        publish_overlay=values['output.publish_overlay'])
+        publish_overlay=values['output.publish_overlay'],
+        fusion=values['output.fusion'])
 
 
 # --- the YAML file: the node's params file is also the offline tools' config ------------

@@ -25,6 +25,7 @@ from mmtta_ros.core.frame import Frame
 from mmtta_ros.core.params import InputParams, OutputParams
 from mmtta_ros.core.persist import PathLike
 from mmtta_ros.core.window import FrameWindow
+from mmtta_ros.models.segmenter import fuse_2d3d
 from mmtta_ros.sensors.pointcloud import encode_labeled_cloud, LabeledCloudBuffer
 from mmtta_ros.sensors.projection import Projection
 from mmtta_ros.viz.overlay import draw_points
@@ -206,7 +207,8 @@ class Pipeline:
         if self.precision != 'fp32':
             prediction = _float32(prediction)
         with torch.no_grad():
-            probs = prediction.probs_2d3d()[newest]
+            probs = fuse_2d3d(prediction.logits_2d[newest], prediction.logits_3d[newest],
+                              self.output.fusion)
             confidence, labels = probs.max(dim=1)
             labels_2d = prediction.logits_2d[newest].argmax(dim=1)
             labels_3d = prediction.logits_3d[newest].argmax(dim=1)

@@ -85,6 +85,11 @@ def shift_table(results: Dict[str, Any], shift: str, rows: Sequence[str]) -> Lis
     return lines
 
 
+def _validation(results: Dict[str, Any]) -> List[str]:
+    """Return the shifts defaults were chosen on (the validation shift first)."""
+    return [results.get('validation'), *results.get('more_validation', [])]
+
+
 def _signed(value: float) -> str:
     return f'{value:+.1f}'
 
@@ -105,7 +110,7 @@ def render_tables(results: Dict[str, Any]) -> str:
     """Return the markdown of every shift's table, the validation shift first."""
     records = results['records']
     shifts = sorted({r['shift'] for r in records.values()},
-                    key=lambda s: (s != results.get('validation'), s))
+                    key=lambda s: (s not in _validation(results), s))
     rows_order = list(dict.fromkeys(r['row'] for r in sorted(
         records.values(), key=lambda r: _ROW_ORDER.get(r['row'], 99))))
     checkpoints = sorted({r['checkpoint'] for r in records.values()
@@ -131,7 +136,7 @@ def render_tables(results: Dict[str, Any]) -> str:
            'above that source.' + fused_note, '']
     for shift in shifts:
         some = next(r for r in records.values() if r['shift'] == shift)
-        role = ' (validation: defaults chosen here)' if shift == results.get('validation') else ''
+        role = ' (validation: defaults chosen here)' if shift in _validation(results) else ''
         segments = ' → '.join(f'{d} {n}' for d, n in some['segments'])
         out += [f'**{shift}**{role}: {segments} frames, seeds {some["seeds"]}', '']
         out += shift_table(results, shift, rows_order) + ['']
@@ -162,10 +167,11 @@ def label_budget_lines(results: Dict[str, Any]) -> List[str]:
                          f'{"not reached" if half is None else f"{half:.1f}"} |')
     if not lines:
         return []
-    return ['**Label budget** (the node\'s default plus a simulated annotator answering its '
-            'requests one frame later; 0 points = `default`): labeled points per frame → '
-            '2D+3D mIoU, and the points per frame that close half the gap from `default` to '
-            'the oracle (linear between measured budgets).', '',
+    baseline = results.get('label_baseline', 'default')
+    return [f'**Label budget** (`{baseline}` plus a simulated annotator answering its '
+            f'requests one frame later; 0 points = `{baseline}`): labeled points per frame → '
+            f'2D+3D mIoU, and the points per frame that close half the gap from `{baseline}` '
+            'to the oracle (linear between measured budgets).', '',
             '| shift | selection | points per frame → 2D+3D | oracle | half the gap at |',
             '|---|---|---|---|---|'] + lines + ['']
 
@@ -175,7 +181,8 @@ _ROW_ORDER = {name: index for index, name in enumerate((
     'bn_stats_ema_fallback', 'tent_ens', 'xmuda_pl', 'mmtta_paper', 'mmtta_0.9',
     'mmtta_0.9_fallback', 'mmtta_0.9_stats_only', 'mmtta_0.9_lr_x100', 'mmtta_0.9_lr2d_x100',
     'latte', 'cbst', 'proda', 'mic', 'ftd', 'bn_stats_source_3d', 'mmtta_0.9_source_3d',
-    'cbst_source_3d', 'default', 'default_realtime', 'labor_3', 'labor_10', 'labor_40',
+    'cbst_source_3d', 'source_product', 'default_uncalibrated', 'default_mean_fusion',
+    'default', 'default_realtime', 'labor_3', 'labor_10', 'labor_40',
     'labor_100', 'random_3', 'random_10', 'random_40', 'random_100', 'uda_xmuda',
     'uda_adaptsegnet', 'uda_dann', 'oracle'))}
 # Label-budget rows: a selection mode's rows are `<prefix>_<budget>` (config/shifts.yaml).
@@ -188,14 +195,16 @@ def _mean_2d3d(records: Dict[str, Any], shift: str, row: str) -> Optional[float]
 
 
 def label_budget_curve(results: Dict[str, Any], shift: str, prefix: str,
-                       baseline: str = 'default') -> List[Tuple[float, float]]:
+                       baseline: Optional[str] = None) -> List[Tuple[float, float]]:
     """
     Return [(labeled points per frame, 2D+3D mIoU)] of a label-budget family, 0 first.
 
     prefix: the rows `<prefix>_<K>` (labor, random); the point at 0 is `baseline`, the
-    node's configuration without labels. Points per frame are those answered and used.
+    configuration the labels are added to (the results' label_baseline, else `default`).
+    Points per frame are those answered and used.
     """
     records = results['records']
+    baseline = baseline or results.get('label_baseline', 'default')
     curve = {}
     base = _mean_2d3d(records, shift, baseline)
     if base is not None:

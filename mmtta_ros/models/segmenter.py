@@ -118,6 +118,24 @@ class SegmenterInput:
                               None if poses is None else poses.to(device))
 
 
+# How the 2D and 3D branches' per-point class probabilities become the 2D+3D prediction.
+#   mean:    xMUDA's ensemble, the mean of the two softmaxes (how the suite scores 2D+3D)
+#   product: the normalised product of the two (a sum of log-probabilities): a branch
+#            that is unsure of a point leaves it to the other one, where the mean lets
+#            a confident wrong branch outvote an unsure right one
+FUSIONS = ('mean', 'product')
+
+
+def fuse_2d3d(logits_2d: torch.Tensor, logits_3d: torch.Tensor,
+              fusion: str = 'mean') -> torch.Tensor:
+    """Return the 2D+3D class probabilities <float32: M, C> of two branches' logits."""
+    if fusion == 'mean':
+        return (logits_2d.softmax(dim=1) + logits_3d.softmax(dim=1)) / 2
+    if fusion == 'product':
+        return (logits_2d.log_softmax(dim=1) + logits_3d.log_softmax(dim=1)).softmax(dim=1)
+    raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
+
+
 @dataclass
 class SegmenterOutput:
     """
@@ -135,9 +153,9 @@ class SegmenterOutput:
     features_3d: Optional[torch.Tensor] = None
     logits_fused: Optional[torch.Tensor] = None
 
-    def probs_2d3d(self) -> torch.Tensor:
-        """Return the 2D+3D ensemble: mean of the two softmaxes, <float32: M, C>."""
-        return (self.logits_2d.softmax(dim=1) + self.logits_3d.softmax(dim=1)) / 2
+    def probs_2d3d(self, fusion: str = 'mean') -> torch.Tensor:
+        """Return the 2D+3D ensemble <float32: M, C> (see fuse_2d3d)."""
+        return fuse_2d3d(self.logits_2d, self.logits_3d, fusion)
 
     def prediction_2d3d(self) -> torch.Tensor:
         """Return the class of the 2D+3D ensemble, <int64: M>."""

@@ -18,9 +18,9 @@ from typing import Annotated, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from mmtta_ros.core.errors import SensorDataError
+from mmtta_ros.models.segmenter import fuse_2d3d
 from mmtta_ros.tta.guard import CollapseGuard
 from mmtta_ros.tta.hyper import Range
 from mmtta_ros.tta.losses import ensemble_log_probs, softmax_entropy
@@ -48,9 +48,9 @@ class Prediction:
     logits_2d: torch.Tensor
     logits_3d: torch.Tensor
 
-    def probs_2d3d(self) -> torch.Tensor:
-        """Return <float32: M, C> the 2D+3D prediction, the mean of the two softmaxes."""
-        return 0.5 * (F.softmax(self.logits_2d, dim=1) + F.softmax(self.logits_3d, dim=1))
+    def probs_2d3d(self, fusion: str = 'mean') -> torch.Tensor:
+        """Return <float32: M, C> the 2D+3D prediction (models.segmenter.fuse_2d3d)."""
+        return fuse_2d3d(self.logits_2d, self.logits_3d, fusion)
 
     def prediction_2d3d(self) -> torch.Tensor:
         """Return <int64: M> the 2D+3D class per point."""

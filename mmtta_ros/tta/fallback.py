@@ -14,14 +14,13 @@ on either way, so the method can recover. Cost: one source forward per step.
 
 import copy
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict
 
 import torch
 from torch import nn
 
-from mmtta_ros.core.persist import atomic_torch_save, load_weights_only, PathLike
 from mmtta_ros.tta.base import check_output, detach_output, prediction_stats, to_numbers
-from mmtta_ros.tta.norm import freeze
+from mmtta_ros.tta.wrapper import MethodWrapper
 
 
 def agreement(logits_2d: torch.Tensor, logits_3d: torch.Tensor) -> torch.Tensor:
@@ -29,7 +28,7 @@ def agreement(logits_2d: torch.Tensor, logits_3d: torch.Tensor) -> torch.Tensor:
     return (logits_2d.argmax(dim=1) == logits_3d.argmax(dim=1)).float().mean()
 
 
-class SourceFallback:
+class SourceFallback(MethodWrapper):
     """
     Wrap an adaptation method; return its prediction or the source model's, per step.
 
@@ -43,29 +42,15 @@ class SourceFallback:
         if not 0.0 <= margin <= 1.0 or not 0.0 < smoothing <= 1.0:
             raise ValueError(f'fallback: need margin in [0, 1] and smoothing in (0, 1], got '
                              f'{margin}, {smoothing}')
-        self.method = method
-        self.source_model = freeze(source_model)
+        super().__init__(method, source_model)
         self.margin = float(margin)
         self.smoothing = float(smoothing)
-        self.name = method.name
-        self.stats: Dict[str, Any] = {}
-        self._last_source: Optional[Tuple[Any, Any]] = None  # (inputs, source output)
         self._reset_counters()
 
     def _reset_counters(self) -> None:
         self.agreement_adapted = None
         self.agreement_source = None
         self.fallbacks = 0
-
-    @property
-    def model(self) -> nn.Module:
-        """Return the adapted model."""
-        return self.method.model
-
-    @property
-    def supervision(self):
-        """Return the wrapped method's label replay (None if it has none)."""
-        return getattr(self.method, 'supervision', None)
 
     def step(self, inputs: Any) -> Any:
         """Adapt and predict with the method; return that or the source prediction."""
@@ -94,16 +79,6 @@ class SourceFallback:
                      agreement_source=self.agreement_source)
         self.stats = stats
         return prediction
-
-    def source_output_for(self, inputs: Any) -> Any:
-        """
-        Return (once) the source model's output of the step just taken on `inputs`, else None.
-
-        A wrapper around this one that needs the same source forward (tta/source_branch.py)
-        takes it instead of running the source model again.
-        """
-        last, self._last_source = self._last_source, None
-        return last[1] if last is not None and last[0] is inputs else None
 
     def _falling_back(self) -> bool:
         return (self.agreement_adapted is not None
@@ -158,11 +133,3 @@ class SourceFallback:
         self.agreement_adapted = saved.get('agreement_adapted')
         self.agreement_source = saved.get('agreement_source')
         self.fallbacks = int(saved.get('fallbacks', 0))
-
-    def save_state(self, path: PathLike) -> None:
-        """Write the state atomically."""
-        atomic_torch_save(self.state_dict(), path)
-
-    def load_state(self, path: PathLike) -> None:
-        """Restore a state written by save_state."""
-        self.load_state_dict(load_weights_only(path, self.method.device))

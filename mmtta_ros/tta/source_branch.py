@@ -15,16 +15,14 @@ target's. Cost: one forward of the source model's branch per frame.
 """
 
 from contextlib import contextmanager
-import copy
 import dataclasses
-from typing import Any, Dict, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from mmtta_ros.core.persist import atomic_torch_save, load_weights_only, PathLike
 from mmtta_ros.tta.base import check_output, detach_output, prediction_stats, to_numbers
-from mmtta_ros.tta.norm import freeze
+from mmtta_ros.tta.wrapper import MethodWrapper
 
 BRANCHES = ('2d', '3d')
 
@@ -85,7 +83,7 @@ def prediction_models(method) -> Iterable[nn.Module]:
     return method.prediction_models().values() if hasattr(method, 'prediction_models') else ()
 
 
-class SourceBranch:
+class SourceBranch(MethodWrapper):
     """
     Wrap an adaptation method; publish its prediction with `branch` taken from the source.
 
@@ -96,32 +94,14 @@ class SourceBranch:
     def __init__(self, method, source_model: nn.Module, *, branch: str = '3d'):
         if branch not in BRANCHES:
             raise ValueError(f'source_branch: branch must be one of {BRANCHES}, got {branch!r}')
-        self.method = method
-        self.source_model = freeze(source_model)
+        super().__init__(method, source_model)
         self.branch = branch
-        self.name = method.name
-        self.stats: Dict[str, Any] = {}
-
-    @property
-    def model(self) -> nn.Module:
-        """Return the adapted model."""
-        return self.method.model
-
-    @property
-    def device(self) -> torch.device:
-        """Return the device of the method's tensors."""
-        return self.method.device
-
-    @property
-    def supervision(self):
-        """Return the wrapped method's label replay (None if it has none)."""
-        return getattr(self.method, 'supervision', None)
 
     def step(self, inputs: Any) -> Any:
         """Adapt and predict with the method; swap in the source model's branch."""
         adapted = self.method.step(inputs)
         # A source fallback inside has just run the whole source model on these inputs.
-        source = getattr(self.method, 'source_output_for', lambda _: None)(inputs)
+        source = self._inner_source_output(inputs)
         logits = (getattr(source, f'logits_{self.branch}') if source is not None
                   else source_branch_logits(self.source_model, inputs, self.branch))
         prediction = with_branch(adapted, self.branch, logits)
@@ -140,31 +120,3 @@ class SourceBranch:
             prediction = self.method.predict(inputs)
         return with_branch(prediction, self.branch,
                            source_branch_logits(self.source_model, inputs, self.branch))
-
-    def prediction_state(self) -> Dict[str, torch.Tensor]:
-        """Return the method's prediction state (the source model never changes)."""
-        return self.method.prediction_state()
-
-    def load_prediction_state(self, state: Dict[str, torch.Tensor]) -> None:
-        """Copy another copy's prediction state in."""
-        self.method.load_prediction_state(state)
-
-    def reset(self) -> None:
-        """Reset the method to the source."""
-        self.method.reset()
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Return the method's state (nothing of this wrapper changes over a stream)."""
-        return self.method.state_dict()
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a state returned by state_dict."""
-        self.method.load_state_dict(copy.copy(state))
-
-    def save_state(self, path: PathLike) -> None:
-        """Write the state atomically."""
-        atomic_torch_save(self.state_dict(), path)
-
-    def load_state(self, path: PathLike) -> None:
-        """Restore a state written by save_state."""
-        self.load_state_dict(load_weights_only(path, self.method.device))
