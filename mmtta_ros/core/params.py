@@ -48,6 +48,12 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('inputs.reliable', False, 'subscribe the image, camera_info and points '
               'reliable (lossless from a reliable publisher: a recorder, a player with '
               '--reliable) instead of sensor-data best effort', read_only=True),
+    ParamSpec('inputs.cameras', [''], 'the cameras, in order (the first is primary: its '
+              'image carries the overlay): [\'\'] one camera on ~/input/image and '
+              '~/input/camera_info; names (CAM_FRONT, CAM_BACK, ...) subscribe '
+              '~/input/<name>/image and ~/input/<name>/camera_info each, all synchronised '
+              'with the sweep; each point is labeled by the camera that sees it best',
+              read_only=True),
     ParamSpec('inputs.depth', 5, 'messages kept per input subscription (keep last)', 1, 1000,
               read_only=True),
     ParamSpec('sync.slop', 0.05, 'largest stamp difference (s) between a LiDAR sweep and the '
@@ -155,6 +161,9 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('output.publish_overlay', True, 'publish the camera image with labeled points'),
     ParamSpec('output.include_out_of_view', True, 'also publish points outside the camera view '
               '(label 65535, grey)'),
+    ParamSpec('output.label_unseen_3d', False, 'with include_out_of_view: label the points no '
+              'camera sees with the 3D branch alone (one more forward of the sparse branch a '
+              'frame) instead of 65535'),
     ParamSpec('diagnostics_period', 1.0, 'seconds between /diagnostics messages', 0.1, 60.0,
               read_only=True),
     # Safety and state.
@@ -248,10 +257,33 @@ def check_value(name: str, value: Any) -> Optional[str]:
             parse_extrinsics(list(value))
         except (SensorDataError, TypeError, ValueError) as error:
             return f'{name}: {error}'
+    if name == 'inputs.cameras':
+        return camera_names_problem(value)
     if name == 'classes.palette':
         if len(value) % 3 or any(isinstance(v, bool) or not isinstance(v, int)
                                  or not 0 <= v <= 255 for v in value):
             return f'{name} needs 3 integers in 0..255 per class, got {value!r}'
+    return None
+
+
+# At most this many cameras (nuScenes has six).
+MAX_CAMERAS = 12
+
+
+def camera_names_problem(names: Any) -> Optional[str]:
+    """Return why `names` is not a usable inputs.cameras list, or None if it is."""
+    prefix = 'inputs.cameras'
+    if not isinstance(names, list) or not names or len(names) > MAX_CAMERAS:
+        return f'{prefix} must list 1 to {MAX_CAMERAS} camera names, got {names!r}'
+    if names == ['']:
+        return None
+    for name in names:
+        if not isinstance(name, str) or not name or not (
+                name[0].isalpha() and name.replace('_', 'a').isalnum() and name.isascii()):
+            return (f'{prefix}: {name!r} is not a camera name (letters, digits and _, '
+                    f"starting with a letter; [''] alone means one unnamed camera)")
+    if len(set(names)) != len(names):
+        return f'{prefix} names a camera twice: {names!r}'
     return None
 
 
@@ -294,6 +326,9 @@ class OutputParams:
     palette: np.ndarray = field(default_factory=lambda: CLASS_PALETTE.copy())
     include_out_of_view: bool = True
     publish_overlay: bool = True
+    # With include_out_of_view: points no camera sees get the 3D branch's class (one more
+    # forward of the sparse branch a frame) instead of 65535.
+    label_unseen_3d: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,6 +343,13 @@ class InputParams:
     use_tf: bool = True      # extrinsics and ego poses from TF where tf2_ros is there
     tf_timeout_s: float = 0.05
     odom_frame: str = 'odom'
+    # Camera names, the primary first; ('',): one unnamed camera (~/input/image).
+    cameras: Tuple[str, ...] = ('',)
+
+    @property
+    def num_cameras(self) -> int:
+        """Return how many cameras each sweep is synchronised with."""
+        return len(self.cameras)
 
 
 @dataclass(frozen=True)
@@ -434,7 +476,8 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
                            ego_motion=v['calibration.ego_motion'],
                            use_tf=v['calibration.use_tf'],
                            tf_timeout_s=v['calibration.tf_timeout'],
-                           odom_frame=v['calibration.odom_frame']),
+                           odom_frame=v['calibration.odom_frame'],
+                           cameras=tuple(v['inputs.cameras'])),
         labels=label_params(v))
     return NodeParams(
         pipeline=pipeline,
@@ -469,7 +512,8 @@ def output_params(values: Mapping[str, Any]) -> OutputParams:
     return OutputParams(
         palette=np.asarray(values['classes.palette'], dtype=np.uint8).reshape(-1, 3),
         include_out_of_view=values['output.include_out_of_view'],
-        publish_overlay=values['output.publish_overlay'])
+        publish_overlay=values['output.publish_overlay'],
+        label_unseen_3d=values['output.label_unseen_3d'])
 
 
 # --- the YAML file: the node's params file is also the offline tools' config ------------

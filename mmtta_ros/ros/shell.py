@@ -196,7 +196,8 @@ class AdaptationShell:
                             period_fraction=sync.period_fraction)
         output = output_params(current_values(self))
         self.pipeline.set_output(include_out_of_view=output.include_out_of_view,
-                                 publish_overlay=output.publish_overlay)
+                                 publish_overlay=output.publish_overlay,
+                                 label_unseen_3d=output.label_unseen_3d)
 
     # --- callbacks (small: count, hand over, return) -------------------------------------
     def _on_camera_info(self, msg: CameraInfo) -> None:
