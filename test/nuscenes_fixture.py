@@ -207,8 +207,8 @@ def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
                            'translation': [0.0, 0.0, 1.5], 'rotation': [0.5, -0.5, -0.5, 0.5],
                            'camera_intrinsic': intrinsic.tolist()},
         }
-        for name, (translation, rotation, _) in side.items():
-            calib[name] = {'token': token(), 'sensor_token': sensors[name]['token'],
+        for channel, (translation, rotation, _) in side.items():
+            calib[channel] = {'token': token(), 'sensor_token': sensors[channel]['token'],
                            'translation': list(translation), 'rotation': list(rotation),
                            'camera_intrinsic': intrinsic.tolist()}
         tables['calibrated_sensor'].extend(calib.values())
@@ -245,8 +245,8 @@ def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
             (LIDAR, channel_times(0, lidar_sweeps_between, 50_000, 50_000)),
             (CAMERA, channel_times(camera_lag_us, camera_sweeps_between)),
             (OTHER_CAMERA, channel_times(-30_000, 0)),
-            *((name, channel_times(lag_us, camera_sweeps_between))
-              for name, (_, _, lag_us) in side.items()),
+            *((channel, channel_times(lag_us, camera_sweeps_between))
+              for channel, (_, _, lag_us) in side.items()),
         )
         for channel, times in channels:
             records = []
