@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 import threading
 import time
-from typing import Any, Deque, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from mmtta_ros.core.batching import frames_to_input, project_views, view_frames
 from mmtta_ros.core.classes import IGNORE_INDEX
-from mmtta_ros.core.decode import frame_from_messages
+from mmtta_ros.core.decode import camera_view_from_messages, frame_from_messages
 from mmtta_ros.core.errors import SensorDataError
-from mmtta_ros.core.frame import Frame
+from mmtta_ros.core.frame import CameraView, Frame
 from mmtta_ros.core.params import InputParams, OutputParams
 from mmtta_ros.core.persist import PathLike
 from mmtta_ros.core.window import FrameWindow
@@ -157,20 +157,33 @@ class Pipeline:
     def frame_from_messages(self, image_msg, info_msg, cloud_msg, labels_msg=None,
                             T_cam_from_lidar: Optional[np.ndarray] = None,
                             T_odom_from_lidar: Optional[np.ndarray] = None,
-                            T_odom_from_cam: Optional[np.ndarray] = None) -> Frame:
+                            T_odom_from_cam: Optional[np.ndarray] = None,
+                            extra_cameras: Sequence[CameraView] = (),
+                            camera_name: str = '') -> Frame:
         """
         Decode a matched set with this pipeline's image size and calibration.
 
         T_cam_from_lidar: <4, 4> (from TF), else calibration.T_cam_from_lidar;
         T_odom_from_lidar, T_odom_from_cam: <4, 4> ego poses at the sweep's and the
-        image's stamps, where known (see Frame).
+        image's stamps, where known (see Frame); extra_cameras: the set's further
+        cameras (`camera_view_from_messages`), camera_name: the primary camera's name.
         """
         return frame_from_messages(
             image_msg, info_msg, cloud_msg, labels_msg=labels_msg,
             T_cam_from_lidar=(self.inputs.T_cam_from_lidar if T_cam_from_lidar is None
                               else T_cam_from_lidar),
             image_size=self.image_size, raw_image=self.inputs.raw_image,
-            T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam)
+            T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam,
+            extra_cameras=extra_cameras, camera_name=camera_name)
+
+    def camera_view_from_messages(self, name: str, image_msg, info_msg,
+                                  T_cam_from_lidar: Optional[np.ndarray],
+                                  T_odom_from_cam: Optional[np.ndarray] = None) -> CameraView:
+        """Decode a further camera's image of a set with this pipeline's image size."""
+        return camera_view_from_messages(
+            name, image_msg, info_msg, T_cam_from_lidar=T_cam_from_lidar,
+            image_size=self.image_size, raw_image=self.inputs.raw_image,
+            T_odom_from_cam=T_odom_from_cam)
 
     def process_messages(self, image_msg, info_msg, cloud_msg) -> FrameOutput:
         """Decode and process one matched set (SensorDataError for bad input)."""

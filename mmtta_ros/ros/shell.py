@@ -81,11 +81,12 @@ class AdaptationShell:
         resumed = self.state.resume(warn=self.get_logger().warning)
         if resumed:
             self.get_logger().info(resumed)
-        self.sync = build_synchronizer(self.params.sync)
+        self.sync = build_synchronizer(self.params.sync, self.params.pipeline.inputs.num_cameras)
         self.mailbox = Mailbox(self.params.worker_queue_size if self.params.process_every_pair
                                else 1)
         self.diagnostics = NodeDiagnostics()
-        self._camera_info = None
+        # The newest good camera_info of each camera (inputs.cameras order).
+        self._camera_infos = [None] * self.params.pipeline.inputs.num_cameras
         self.tf_calibration = self._make_tf()
         self._shell_services = [self.create_service(Trigger, '~/reset', self._on_reset),
                                 self.create_service(Trigger, '~/save_state',
@@ -122,10 +123,16 @@ class AdaptationShell:
         image_type = Image if inputs.raw_image else CompressedImage
         qos = input_qos(inputs.reliable, inputs.depth)
         self._subscriptions_io = [
-            self.create_subscription(image_type, '~/input/image', self._on_image, qos),
-            self.create_subscription(CameraInfo, '~/input/camera_info', self._on_camera_info,
-                                     qos),
             self.create_subscription(PointCloud2, '~/input/points', self._on_points, qos)]
+        for camera, name in enumerate(inputs.cameras):
+            # One camera: ~/input/image as always; named cameras: ~/input/<name>/image.
+            prefix = f'~/input/{name}/' if name else '~/input/'
+            self._subscriptions_io += [
+                self.create_subscription(image_type, prefix + 'image',
+                                         lambda msg, k=camera: self._on_image(msg, k), qos),
+                self.create_subscription(CameraInfo, prefix + 'camera_info',
+                                         lambda msg, k=camera: self._on_camera_info(msg, k),
+                                         qos)]
         reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
         self.cloud_pub = self.create_publisher(PointCloud2, '~/output/labeled_points', reliable)
         self.overlay_pub = self.create_publisher(Image, '~/output/overlay', reliable)
@@ -200,7 +207,7 @@ class AdaptationShell:
                                  label_unseen_3d=output.label_unseen_3d)
 
     # --- callbacks (small: count, hand over, return) -------------------------------------
-    def _on_camera_info(self, msg: CameraInfo) -> None:
+    def _on_camera_info(self, msg: CameraInfo, camera: int = 0) -> None:
         self.diagnostics.received('camera_info')
         try:
             camera_info_to_intrinsics(msg, max_pixels=self.params.max_image_pixels)
@@ -209,12 +216,13 @@ class AdaptationShell:
             self.get_logger().warning(f'rejected camera_info: {error}',
                                       throttle_duration_sec=THROTTLE_S)
             return
-        self._camera_info = msg
+        self._camera_infos[camera] = msg
         self.diagnostics.count('camera_info_accepted')
 
-    def _on_image(self, msg) -> None:
+    def _on_image(self, msg, camera: int = 0) -> None:
         self.diagnostics.received('image')
-        self._add(IMAGE, msg)
+        # The pairing's inputs: the primary image 0, the sweep 1, further cameras 2, 3, ...
+        self._add(IMAGE if camera == 0 else POINTS + camera, msg)
 
     def _on_points(self, msg: PointCloud2) -> None:
         self.diagnostics.received('points')
@@ -270,12 +278,13 @@ class AdaptationShell:
             self.diagnostics.pair_taken()
             pair, complete_at = item
             image_msg, cloud_msg = pair.messages[IMAGE], pair.messages[POINTS]
+            extra_msgs = list(pair.messages[POINTS + 1:])
             if not self._stamp_acceptable(cloud_msg):
                 self.diagnostics.pair_done('rejected_stamp_skew')
                 continue
             try:
                 started = time.perf_counter()
-                frame = self._decode(image_msg, cloud_msg)
+                frame = self._decode(image_msg, cloud_msg, extra_msgs)
                 decoded = time.perf_counter()
                 output = (self.pipeline.predict(frame) if self.split
                           else self.pipeline.process(frame))
@@ -319,10 +328,15 @@ class AdaptationShell:
                     self.adapt_box.put(frame)
                 self._labeled += 1
 
-    def _decode(self, image_msg, cloud_msg):
-        """Return the pair as a Frame, with its transforms from TF where there is TF."""
+    def _decode(self, image_msg, cloud_msg, extra_msgs=()):
+        """Return the set as a Frame, with its transforms from TF where there is TF."""
+        names = self.params.pipeline.inputs.cameras
+        views = [self._decode_view(name, msg, info, cloud_msg) for name, msg, info in
+                 zip(names[1:], extra_msgs, self._camera_infos[1:])]
         if self.tf_calibration is None:
-            return self.pipeline.frame_from_messages(image_msg, self._camera_info, cloud_msg)
+            return self.pipeline.frame_from_messages(
+                image_msg, self._camera_infos[0], cloud_msg, extra_cameras=views,
+                camera_name=names[0])
         calibration = self.tf_calibration.lookup(
             str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
             stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
@@ -333,9 +347,26 @@ class AdaptationShell:
         for problem in calibration.problems:
             self.get_logger().warning(problem, throttle_duration_sec=THROTTLE_S)
         return self.pipeline.frame_from_messages(
-            image_msg, self._camera_info, cloud_msg,
+            image_msg, self._camera_infos[0], cloud_msg,
             T_cam_from_lidar=calibration.T_cam_from_lidar,
             T_odom_from_lidar=calibration.T_odom_from_lidar,
+            T_odom_from_cam=calibration.T_odom_from_cam, extra_cameras=views,
+            camera_name=names[0])
+
+    def _decode_view(self, name: str, image_msg, info_msg, cloud_msg):
+        """Return a further camera's image of the set as a CameraView (extrinsics from TF)."""
+        if self.tf_calibration is None:
+            raise NoTransformError(f'camera {name}: a camera beyond the first takes its '
+                                   'extrinsics from TF (calibration.use_tf and tf2_ros)')
+        calibration = self.tf_calibration.lookup(
+            str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
+            stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
+        if calibration.extrinsics_from == 'parameter':
+            # The parameter is the primary camera's: never another camera's mount.
+            raise NoTransformError(f'camera {name}: no transform {image_msg.header.frame_id} '
+                                   f'<- {cloud_msg.header.frame_id} in TF')
+        return self.pipeline.camera_view_from_messages(
+            name, image_msg, info_msg, T_cam_from_lidar=calibration.T_cam_from_lidar,
             T_odom_from_cam=calibration.T_odom_from_cam)
 
     def _adapt_loop(self) -> None:
