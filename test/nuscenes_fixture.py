@@ -209,8 +209,8 @@ def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
         }
         for channel, (translation, rotation, _) in side.items():
             calib[channel] = {'token': token(), 'sensor_token': sensors[channel]['token'],
-                           'translation': list(translation), 'rotation': list(rotation),
-                           'camera_intrinsic': intrinsic.tolist()}
+                              'translation': list(translation), 'rotation': list(rotation),
+                              'camera_intrinsic': intrinsic.tolist()}
         tables['calibrated_sensor'].extend(calib.values())
 
         t0 = start_sec * 1_000_000 + int(rng.integers(0, 1_000_000))

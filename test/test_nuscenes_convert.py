@@ -9,8 +9,8 @@ from rosbags.rosbag2 import Reader
 import yaml
 
 from mmtta_ros.bags.nuscenes_convert import (
-    ALL_CAMERAS, camera_bag_topics, convert, LIDARSEG_TO_CLASS, lidarseg_lookup, ODOM_FRAME, read_lidar_records,
-    read_lidarseg_labels, select_scenes, TF_TOPIC)
+    ALL_CAMERAS, camera_bag_topics, convert, LIDARSEG_TO_CLASS, lidarseg_lookup, ODOM_FRAME,
+    read_lidar_records, read_lidarseg_labels, select_scenes, TF_TOPIC)
 from mmtta_ros.bags.reader import BagFrameReader
 from mmtta_ros.bags.topics import bag_typestore, BagTopics, NO_LABEL, stamp_to_ns
 from mmtta_ros.bags.transforms import build_tree, lookup_transform
@@ -320,7 +320,7 @@ def test_tool(dataset, tmp_path, capsys):
 
 @pytest.fixture(scope='module')
 def six_camera_bag(tmp_path_factory):
-    """The night scene of a six-camera dataset converted with --cameras all."""
+    """Convert the night scene of a six-camera dataset with --cameras all; dataset, bag."""
     dataset = write_tiny_nuscenes(tmp_path_factory.mktemp('nuscenes6'), six_cameras=True)
     out = tmp_path_factory.mktemp('bags6')
     assert nuscenes_to_bag.main(['--dataroot', str(dataset.dataroot), '--output-dir', str(out),

@@ -117,6 +117,7 @@ def build_synchronizer(params: SyncParams, num_cameras: int = 1) -> ApproximateS
     message of every camera and the sweep.
     """
     return ApproximateSynchronizer(
-        num_inputs=1 + int(num_cameras), slop_ns=int(round(params.slop_s * 1e9)), queue_size=params.queue_size,
+        num_inputs=1 + int(num_cameras), slop_ns=int(round(params.slop_s * 1e9)),
+        queue_size=params.queue_size,
         clock_jump_ns=int(round(params.time_jump_s * 1e9)),
         period_fraction=params.period_fraction)

@@ -81,7 +81,8 @@ class AdaptationShell:
         resumed = self.state.resume(warn=self.get_logger().warning)
         if resumed:
             self.get_logger().info(resumed)
-        self.sync = build_synchronizer(self.params.sync, self.params.pipeline.inputs.num_cameras)
+        self.sync = build_synchronizer(self.params.sync,
+                                       self.params.pipeline.inputs.num_cameras)
         self.mailbox = Mailbox(self.params.worker_queue_size if self.params.process_every_pair
                                else 1)
         self.diagnostics = NodeDiagnostics()
