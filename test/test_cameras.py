@@ -199,3 +199,17 @@ def test_camera_topics_follow_the_converters():
     assert camera_topics('CAM_BACK') == ('/CAM_BACK/image_rect_compressed',
                                          '/CAM_BACK/camera_info')
     assert camera_topics('CAM_FRONT') == (BagTopics().image, BagTopics().camera_info)
+
+
+def test_further_cameras_extrinsics_parameter_is_checked_and_parsed():
+    sequence = SyntheticSequence(SequenceConfig(extra_cameras=BACK, **DRIVE))
+    T = [float(v) for v in sequence.camera_from_lidar(1).reshape(-1)]
+    inputs = node_params({'inputs.cameras': ['CAM_FRONT', 'CAM_BACK'],
+                          'calibration.extra_T_cam_from_lidar': T}).pipeline.inputs
+    np.testing.assert_allclose(inputs.extra_T_cam_from_lidar[0], sequence.camera_from_lidar(1))
+    for cameras, value, message in ((['CAM_FRONT', 'CAM_BACK'], T * 2, '2 transforms for 1'),
+                                    (['CAM_FRONT', 'CAM_BACK'], T[:15], '16 numbers'),
+                                    (['CAM_FRONT', 'CAM_BACK'], [2.0] * 16, 'extra_T')):
+        with pytest.raises(ValueError, match=message) as error:
+            node_params({'inputs.cameras': cameras, 'calibration.extra_T_cam_from_lidar': value})
+        assert '\n' not in str(error.value)

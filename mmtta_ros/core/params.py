@@ -141,6 +141,9 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     # Calibration and classes.
     ParamSpec('calibration.T_cam_from_lidar', [0.0], 'LiDAR->camera transform: 16 numbers '
               '(4x4 row-major) or 7 (x y z qx qy qz qw)', read_only=True),
+    ParamSpec('calibration.extra_T_cam_from_lidar', [0.0], 'the further cameras\' '
+              'LiDAR->camera transforms, 16 numbers (4x4 row-major) each, in inputs.cameras '
+              'order after the first; used where TF has none ([0.0]: unset)', read_only=True),
     ParamSpec('calibration.ego_motion', True, 'compensate the car\'s motion between the '
               'sweep\'s and the image\'s stamps (the nuScenes devkit\'s chain through the two '
               'ego poses); acts only where both poses are known (TF with tf2_ros, a bag\'s '
@@ -259,6 +262,15 @@ def check_value(name: str, value: Any) -> Optional[str]:
             return f'{name}: {error}'
     if name == 'inputs.cameras':
         return camera_names_problem(value)
+    if name == 'calibration.extra_T_cam_from_lidar' and list(value) != [0.0]:
+        if len(value) % 16:
+            return f'{name} needs 16 numbers per camera, got {len(value)}'
+        try:
+            for start in range(0, len(value), 16):
+                parse_extrinsics(list(value[start:start + 16]))
+        except (SensorDataError, TypeError, ValueError) as error:
+            return f'{name}: {error}'
+
     if name == 'classes.palette':
         if len(value) % 3 or any(isinstance(v, bool) or not isinstance(v, int)
                                  or not 0 <= v <= 255 for v in value):
@@ -345,6 +357,8 @@ class InputParams:
     odom_frame: str = 'odom'
     # Camera names, the primary first; ('',): one unnamed camera (~/input/image).
     cameras: Tuple[str, ...] = ('',)
+    # <float64: 4, 4> of each further camera where TF has none; () when not given.
+    extra_T_cam_from_lidar: Tuple[np.ndarray, ...] = ()
 
     @property
     def num_cameras(self) -> int:
@@ -447,6 +461,11 @@ def check_values(values: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
 def node_params(values: Mapping[str, Any]) -> NodeParams:
     """Return the typed parameters of checked `values`; ValueError lists every problem."""
     v, problems = check_values(values)
+    extra_T = list(v['calibration.extra_T_cam_from_lidar'])
+    extra_T = [] if extra_T == [0.0] else extra_T
+    if not problems and extra_T and len(extra_T) != 16 * (len(v['inputs.cameras']) - 1):
+        problems.append(f'calibration.extra_T_cam_from_lidar has {len(extra_T) // 16} '
+                        f'transforms for {len(v["inputs.cameras"]) - 1} further cameras')
     if problems:
         raise ValueError('invalid parameters: ' + '; '.join(problems))
     method = v['adaptation.method']
@@ -477,7 +496,10 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
                            use_tf=v['calibration.use_tf'],
                            tf_timeout_s=v['calibration.tf_timeout'],
                            odom_frame=v['calibration.odom_frame'],
-                           cameras=tuple(v['inputs.cameras'])),
+                           cameras=tuple(v['inputs.cameras']),
+                           extra_T_cam_from_lidar=tuple(
+                               parse_extrinsics(extra_T[i:i + 16])
+                               for i in range(0, len(extra_T), 16))),
         labels=label_params(v))
     return NodeParams(
         pipeline=pipeline,

@@ -332,8 +332,8 @@ class AdaptationShell:
     def _decode(self, image_msg, cloud_msg, extra_msgs=()):
         """Return the set as a Frame, with its transforms from TF where there is TF."""
         names = self.params.pipeline.inputs.cameras
-        views = [self._decode_view(name, msg, info, cloud_msg) for name, msg, info in
-                 zip(names[1:], extra_msgs, self._camera_infos[1:])]
+        views = [self._decode_view(k, msg, info, cloud_msg) for k, (msg, info) in
+                 enumerate(zip(extra_msgs, self._camera_infos[1:]), start=1)]
         if self.tf_calibration is None:
             return self.pipeline.frame_from_messages(
                 image_msg, self._camera_infos[0], cloud_msg, extra_cameras=views,
@@ -354,21 +354,34 @@ class AdaptationShell:
             T_odom_from_cam=calibration.T_odom_from_cam, extra_cameras=views,
             camera_name=names[0])
 
-    def _decode_view(self, name: str, image_msg, info_msg, cloud_msg):
-        """Return a further camera's image of the set as a CameraView (extrinsics from TF)."""
-        if self.tf_calibration is None:
-            raise NoTransformError(f'camera {name}: a camera beyond the first takes its '
-                                   'extrinsics from TF (calibration.use_tf and tf2_ros)')
-        calibration = self.tf_calibration.lookup(
-            str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
-            stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
-        if calibration.extrinsics_from == 'parameter':
-            # The parameter is the primary camera's: never another camera's mount.
-            raise NoTransformError(f'camera {name}: no transform {image_msg.header.frame_id} '
-                                   f'<- {cloud_msg.header.frame_id} in TF')
+    def _decode_view(self, camera: int, image_msg, info_msg, cloud_msg):
+        """Return further camera `camera`'s image of the set as a CameraView."""
+        inputs = self.params.pipeline.inputs
+        name = inputs.cameras[camera]
+        # calibration.T_cam_from_lidar is the primary camera's: never another's mount.
+        fallback = (inputs.extra_T_cam_from_lidar[camera - 1]
+                    if inputs.extra_T_cam_from_lidar else None)
+        T_cam_from_lidar, T_odom_from_cam = fallback, None
+        if self.tf_calibration is not None:
+            try:
+                calibration = self.tf_calibration.lookup(
+                    str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
+                    stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
+            except NoTransformError:
+                if fallback is None:
+                    raise
+            else:
+                T_odom_from_cam = calibration.T_odom_from_cam
+                if calibration.extrinsics_from != 'parameter':
+                    T_cam_from_lidar = calibration.T_cam_from_lidar
+        if T_cam_from_lidar is None:
+            raise NoTransformError(
+                f'camera {name}: no transform {image_msg.header.frame_id} <- '
+                f'{cloud_msg.header.frame_id} in TF and calibration.extra_T_cam_from_lidar '
+                'is not set')
         return self.pipeline.camera_view_from_messages(
-            name, image_msg, info_msg, T_cam_from_lidar=calibration.T_cam_from_lidar,
-            T_odom_from_cam=calibration.T_odom_from_cam)
+            name, image_msg, info_msg, T_cam_from_lidar=T_cam_from_lidar,
+            T_odom_from_cam=T_odom_from_cam)
 
     def _adapt_loop(self) -> None:
         """worker.split: adapt on the newest labeled frame handed over, at the adapter's pace."""
