@@ -86,8 +86,9 @@ class AdaptationShell:
         self.mailbox = Mailbox(self.params.worker_queue_size if self.params.process_every_pair
                                else 1)
         self.diagnostics = NodeDiagnostics()
-        # The newest good camera_info of each camera (inputs.cameras order).
-        self._camera_infos = [None] * self.params.pipeline.inputs.num_cameras
+        # The newest good camera_info of the primary camera, and of each further one.
+        self._camera_info = None
+        self._extra_camera_infos = [None] * (self.params.pipeline.inputs.num_cameras - 1)
         self.tf_calibration = self._make_tf()
         self._shell_services = [self.create_service(Trigger, '~/reset', self._on_reset),
                                 self.create_service(Trigger, '~/save_state',
@@ -217,7 +218,10 @@ class AdaptationShell:
             self.get_logger().warning(f'rejected camera_info: {error}',
                                       throttle_duration_sec=THROTTLE_S)
             return
-        self._camera_infos[camera] = msg
+        if camera:
+            self._extra_camera_infos[camera - 1] = msg
+        else:
+            self._camera_info = msg
         self.diagnostics.count('camera_info_accepted')
 
     def _on_image(self, msg, camera: int = 0) -> None:
@@ -331,13 +335,15 @@ class AdaptationShell:
 
     def _decode(self, image_msg, cloud_msg, extra_msgs=()):
         """Return the set as a Frame, with its transforms from TF where there is TF."""
-        names = self.params.pipeline.inputs.cameras
-        views = [self._decode_view(k, msg, info, cloud_msg) for k, (msg, info) in
-                 enumerate(zip(extra_msgs, self._camera_infos[1:]), start=1)]
+        cameras = {}
+        if extra_msgs:
+            cameras = dict(
+                extra_cameras=[self._decode_view(k, msg, info, cloud_msg) for k, (msg, info)
+                               in enumerate(zip(extra_msgs, self._extra_camera_infos), 1)],
+                camera_name=self.params.pipeline.inputs.cameras[0])
         if self.tf_calibration is None:
-            return self.pipeline.frame_from_messages(
-                image_msg, self._camera_infos[0], cloud_msg, extra_cameras=views,
-                camera_name=names[0])
+            return self.pipeline.frame_from_messages(image_msg, self._camera_info, cloud_msg,
+                                                     **cameras)
         calibration = self.tf_calibration.lookup(
             str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
             stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
@@ -348,11 +354,10 @@ class AdaptationShell:
         for problem in calibration.problems:
             self.get_logger().warning(problem, throttle_duration_sec=THROTTLE_S)
         return self.pipeline.frame_from_messages(
-            image_msg, self._camera_infos[0], cloud_msg,
+            image_msg, self._camera_info, cloud_msg,
             T_cam_from_lidar=calibration.T_cam_from_lidar,
             T_odom_from_lidar=calibration.T_odom_from_lidar,
-            T_odom_from_cam=calibration.T_odom_from_cam, extra_cameras=views,
-            camera_name=names[0])
+            T_odom_from_cam=calibration.T_odom_from_cam, **cameras)
 
     def _decode_view(self, camera: int, image_msg, info_msg, cloud_msg):
         """Return further camera `camera`'s image of the set as a CameraView."""
