@@ -42,6 +42,7 @@ setup(
             'mmtta_fuzz_node = mmtta_ros.tools.fuzz_node:main',
             'mmtta_annotator = mmtta_ros.tools.annotator:main',
             'mmtta_dds_delivery = mmtta_ros.tools.dds_delivery:main',
+            'mmtta_camera_coverage = mmtta_ros.tools.camera_coverage:main',
         ],
     },
 )

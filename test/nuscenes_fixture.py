@@ -7,7 +7,9 @@ mask in `maps/`, keyframes in `samples/<channel>/` and the rest in `sweeps/<chan
 Two scenes, one by day and one at night ("Night" in the description), each with a few
 keyframes, LiDAR sweeps between them (also one before the first and one after the last
 keyframe, as in the real data) and camera frames between keyframes. CAM_BACK keyframes
-are there too, so a converter that must ignore other channels can be caught out.
+are there too, so a converter that must ignore other channels can be caught out. With
+`six_cameras`, the four other nuScenes cameras shoot too (real mounts, rounded), at CAM_FRONT's
+rate a few ms apart, so all six cameras can be written and read back together.
 Calibrations are the real nuScenes ones (rounded) perturbed per scene; quaternions are
 w, x, y, z as in nuScenes.
 """
@@ -47,6 +49,14 @@ CAMERA_ROTATION_WXYZ = (0.499805, -0.503033, 0.499716, -0.497418)
 CAMERA_INTRINSIC_FULL = ((1266.417203, 0.0, 816.267019), (0.0, 1266.417203, 491.507066),
                          (0.0, 0.0, 1.0))
 FULL_SIZE = (1600, 900)
+# six_cameras: the other four cameras' mounts (translation, rotation w, x, y, z; v1.0-mini,
+# rounded) and their lag after the LiDAR keyframe, microseconds.
+SIDE_CAMERAS = {
+    'CAM_FRONT_RIGHT': ((1.5508, -0.4939, 1.4959), (0.2060, -0.2076, 0.6760, -0.6763), -5_000),
+    'CAM_BACK_RIGHT': ((1.0149, -0.4807, 1.5624), (0.1260, -0.1320, -0.6964, 0.6940), 5_000),
+    'CAM_BACK_LEFT': ((1.0357, 0.4849, 1.5910), (0.6924, -0.7031, -0.1180, 0.1164), -20_000),
+    'CAM_FRONT_LEFT': ((1.5239, 0.4946, 1.5093), (0.6757, -0.6737, 0.2180, -0.2147), -15_000),
+}
 KEYFRAME_PERIOD_US = 500_000  # 2 Hz
 
 
@@ -127,14 +137,17 @@ def _write_image(path: Path, rng, size) -> None:
 def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
                         keyframes: int = 3, lidar_sweeps_between: int = 2,
                         camera_sweeps_between: int = 1, image_size=(96, 54),
-                        points_range=(40, 120), camera_lag_us: int = -12_000) -> TinyNuScenes:
+                        points_range=(40, 120), camera_lag_us: int = -12_000,
+                        six_cameras: bool = False) -> TinyNuScenes:
     """
     Write the two-scene dataset under `dataroot` and describe what was written.
 
     The ego drives at 8 m/s turning at 0.1 rad/s, with an ego pose at every sample_data
     stamp; CAM_FRONT shoots camera_lag_us after each LiDAR keyframe (negative: before),
     so a sweep and its image are that far apart, as nuScenes' are (~35 ms).
+    six_cameras: also write SIDE_CAMERAS (the default dataset is unchanged without it).
     """
+    side = dict(SIDE_CAMERAS) if six_cameras else {}
     dataroot = Path(dataroot)
     rng = np.random.default_rng(seed)
     token = _Tokens(seed)
@@ -143,7 +156,7 @@ def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
     for folder in (table_dir, lidarseg_dir, dataroot / 'maps'):
         folder.mkdir(parents=True, exist_ok=True)
     for kind in ('samples', 'sweeps'):
-        for channel in (LIDAR, CAMERA, OTHER_CAMERA):
+        for channel in (LIDAR, CAMERA, OTHER_CAMERA, *side):
             (dataroot / kind / channel).mkdir(parents=True, exist_ok=True)
 
     tables = {name: [] for name in (
@@ -162,7 +175,8 @@ def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
     tables['category'] = [categories[i] for i in rng.permutation(len(categories))]
     sensors = {channel: {'token': token(), 'channel': channel, 'modality': modality}
                for channel, modality in ((LIDAR, 'lidar'), (CAMERA, 'camera'),
-                                         (OTHER_CAMERA, 'camera'))}
+                                         (OTHER_CAMERA, 'camera'),
+                                         *((name, 'camera') for name in side))}
     tables['sensor'] = list(sensors.values())
 
     scale = image_size[0] / FULL_SIZE[0], image_size[1] / FULL_SIZE[1]
@@ -193,6 +207,10 @@ def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
                            'translation': [0.0, 0.0, 1.5], 'rotation': [0.5, -0.5, -0.5, 0.5],
                            'camera_intrinsic': intrinsic.tolist()},
         }
+        for channel, (translation, rotation, _) in side.items():
+            calib[channel] = {'token': token(), 'sensor_token': sensors[channel]['token'],
+                              'translation': list(translation), 'rotation': list(rotation),
+                              'camera_intrinsic': intrinsic.tolist()}
         tables['calibrated_sensor'].extend(calib.values())
 
         t0 = start_sec * 1_000_000 + int(rng.integers(0, 1_000_000))
@@ -227,6 +245,8 @@ def write_tiny_nuscenes(dataroot, *, version: str = VERSION, seed: int = 0,
             (LIDAR, channel_times(0, lidar_sweeps_between, 50_000, 50_000)),
             (CAMERA, channel_times(camera_lag_us, camera_sweeps_between)),
             (OTHER_CAMERA, channel_times(-30_000, 0)),
+            *((channel, channel_times(lag_us, camera_sweeps_between))
+              for channel, (_, _, lag_us) in side.items()),
         )
         for channel, times in channels:
             records = []

@@ -9,12 +9,14 @@ from rosbags.rosbag2 import Reader
 import yaml
 
 from mmtta_ros.bags.nuscenes_convert import (
-    convert, LIDARSEG_TO_CLASS, lidarseg_lookup, ODOM_FRAME, read_lidar_records,
-    read_lidarseg_labels, select_scenes, TF_TOPIC)
+    ALL_CAMERAS, camera_bag_topics, convert, LIDARSEG_TO_CLASS, lidarseg_lookup, ODOM_FRAME,
+    read_lidar_records, read_lidarseg_labels, select_scenes, TF_TOPIC)
+from mmtta_ros.bags.reader import BagFrameReader
 from mmtta_ros.bags.topics import bag_typestore, BagTopics, NO_LABEL, stamp_to_ns
 from mmtta_ros.bags.transforms import build_tree, lookup_transform
 from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.classes import CLASS_NAMES
+from mmtta_ros.eval.coverage import coverage
 from mmtta_ros.sensors.pointcloud import cloud_structured_view, cloud_to_numpy
 from mmtta_ros.sensors.projection import transform_from_translation_quaternion
 from mmtta_ros.tools import nuscenes_to_bag
@@ -314,3 +316,55 @@ def test_tool(dataset, tmp_path, capsys):
     assert 'no scene named scene-9999' in capsys.readouterr().err
     custom = json.loads(bag_info(tmp_path / day.name)['custom_data']['mmtta_ros.nuscenes'])
     assert custom['scene'] == day.name and custom['keyframes_only'] is True
+
+
+@pytest.fixture(scope='module')
+def six_camera_bag(tmp_path_factory):
+    """Convert the night scene of a six-camera dataset with --cameras all; dataset, bag."""
+    dataset = write_tiny_nuscenes(tmp_path_factory.mktemp('nuscenes6'), six_cameras=True)
+    out = tmp_path_factory.mktemp('bags6')
+    assert nuscenes_to_bag.main(['--dataroot', str(dataset.dataroot), '--output-dir', str(out),
+                                 '--scenes', 'scene-1077', '--cameras', 'all']) == 0
+    return dataset, out / 'scene-1077'
+
+
+def test_all_six_cameras_are_written_and_read_back(six_camera_bag):
+    dataset, path = six_camera_bag
+    messages, _, _ = read_bag(path)
+    for channel in ALL_CAMERAS:
+        image_topic, info_topic = camera_bag_topics(channel)
+        assert len(messages[image_topic]) == len(messages[info_topic]) > 0
+        assert {msg.header.frame_id for _, msg in messages[image_topic]} == {channel}
+    (static,) = [msg for _, msg in messages['/tf_static']]
+    assert {t.child_frame_id for t in static.transforms} == {'LIDAR_TOP', *ALL_CAMERAS}
+    custom = json.loads(bag_info(path)['custom_data']['mmtta_ros.nuscenes'])
+    assert custom['cameras'] == list(ALL_CAMERAS)
+
+    reader = BagFrameReader(path, image_size=dataset.image_size,
+                            topics=BagTopics(extra_cameras=ALL_CAMERAS[1:]))
+    frames = list(reader)
+    assert len(frames) >= 3 and reader.stats.rejected_messages == 0
+    nusc = NuScenes(version=dataset.version, dataroot=str(dataset.dataroot), verbose=False)
+    scene = next(s for s in nusc.scene if s['name'] == 'scene-1077')
+    sample = nusc.get('sample', scene['first_sample_token'])
+    lidar = nusc.get('calibrated_sensor', nusc.get(
+        'sample_data', sample['data']['LIDAR_TOP'])['calibrated_sensor_token'])
+    for view in frames[0].views():
+        camera = nusc.get('calibrated_sensor', nusc.get(
+            'sample_data', sample['data'][view.name])['calibrated_sensor_token'])
+        # The devkit's chain: LiDAR -> ego -> camera.
+        expected = (np.linalg.inv(transform_matrix(camera['translation'],
+                                                   Quaternion(camera['rotation'])))
+                    @ transform_matrix(lidar['translation'], Quaternion(lidar['rotation'])))
+        np.testing.assert_allclose(view.T_cam_from_lidar, expected, atol=1e-6)
+    one, six = coverage(frames, 1), coverage(frames, 6)
+    assert six.labeled > one.labeled and six.points == one.points
+    assert sum(six.per_camera) == six.labeled and len(six.per_camera) == 6
+
+
+def test_a_bad_camera_list_stops_the_converter_in_one_line(dataset, tmp_path, capsys):
+    assert nuscenes_to_bag.main(['--dataroot', str(dataset.dataroot), '--output-dir',
+                                 str(tmp_path / 'out'), '--cameras', 'CAM_FRONT,CAM_ROOF']) == 1
+    err = capsys.readouterr().err
+    assert 'CAM_ROOF' in err and err.count('\n') == 1
+    assert not (tmp_path / 'out').exists()

@@ -2,7 +2,8 @@
 nuScenes scenes to ROS 2 bags (rosbag2: mcap or sqlite3), one bag per scene, streamed.
 
 Topics are those of the public nuScenes -> ROS 2 converters (`mmtta_ros.bags.topics`):
-CAM_FRONT jpegs as they are on disk (no re-encode) with their camera_info, LIDAR_TOP
+CAM_FRONT jpegs (or those of any of the six cameras, `cameras`) as they are on disk (no
+re-encode) with their camera_info, LIDAR_TOP
 sweeps as x, y, z, intensity, ring float32, the static transforms base_link -> sensors,
 and optionally odom -> base_link on /tf from the ego poses. Where the dataset has
 nuScenes-lidarseg, every keyframe sweep also gets a labels cloud aligned point for point,
@@ -27,7 +28,8 @@ from PIL import Image as PILImage
 from rosbags.rosbag2 import Writer
 
 from mmtta_ros.bags.topics import (
-    bag_typestore, BagTopics, BASE_FRAME, CAMERA_INFO_TYPE, CLOUD_TYPE, IMAGE_TYPE,
+    bag_typestore, BagTopics, BASE_FRAME, CAMERA_INFO_TYPE, camera_topics, CLOUD_TYPE,
+    IMAGE_TYPE,
     LABELS_LAYOUT, NO_LABEL, ns_to_sec_nanosec, ODOM_FRAME, SENSOR_QOS, TF_QOS,
     TF_STATIC_QOS, TF_TYPE)
 from mmtta_ros.bags.writer import camera_info_message, cloud_message, STORAGES, tf_message
@@ -40,6 +42,9 @@ PathLike = Union[str, Path]
 DEFAULT_VERSION = 'v1.0-mini'
 LIDAR_CHANNEL = 'LIDAR_TOP'
 CAMERA_CHANNEL = 'CAM_FRONT'
+# nuScenes' six cameras, clockwise from the front (`cameras='all'`).
+ALL_CAMERAS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_BACK_RIGHT', 'CAM_BACK', 'CAM_BACK_LEFT',
+               'CAM_FRONT_LEFT')
 # The converters' frame ids are the nuScenes channel names.
 LIDAR_FRAME = LIDAR_CHANNEL
 CAMERA_FRAME = CAMERA_CHANNEL
@@ -242,6 +247,30 @@ def scene_stream(nusc, scene: Mapping, channels: Sequence[str],
         yield channel, record
 
 
+def camera_channels(cameras: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """
+    Return the camera channels `cameras` names: 'all' (the six), or names (a list or commas).
+
+    ValueError for an unknown or repeated name; the order given is kept (the first is the
+    primary camera of the frames read back).
+    """
+    if isinstance(cameras, str):
+        cameras = ALL_CAMERAS if cameras == 'all' else [c for c in cameras.split(',') if c]
+    cameras = tuple(str(c).strip() for c in cameras)
+    unknown = [c for c in cameras if c not in ALL_CAMERAS]
+    if not cameras or unknown or len(set(cameras)) != len(cameras):
+        raise ValueError(f"cameras must be 'all' or distinct names among "
+                         f"{', '.join(ALL_CAMERAS)}; got {', '.join(cameras) or 'none'}")
+    return cameras
+
+
+def camera_bag_topics(channel: str, topics: BagTopics = BagTopics()) -> Tuple[str, str]:
+    """Return the (image, camera_info) topics a camera channel is written to."""
+    if channel == CAMERA_CHANNEL:
+        return topics.image, topics.camera_info
+    return camera_topics(channel)
+
+
 def _camera_intrinsic(calibration: Mapping) -> np.ndarray:
     K = np.asarray(calibration['camera_intrinsic'], dtype=np.float64)
     if K.shape != (3, 3) or not np.all(np.isfinite(K)):
@@ -260,10 +289,14 @@ def _image_size(record: Mapping, path: Path) -> Tuple[int, int]:
 
 def convert_scene(nusc, scene: Mapping, path: PathLike, *, storage: str = 'mcap',
                   keyframes_only: bool = False, with_tf: bool = True,
-                  topics: BagTopics = BagTopics()) -> SceneConversion:
+                  topics: BagTopics = BagTopics(),
+                  cameras: Sequence[str] = (CAMERA_CHANNEL,)) -> SceneConversion:
     """
     Write one scene of a loaded NuScenes (nuscenes-devkit) as a bag at `path`.
 
+    cameras: the camera channels written (`camera_channels`), each with its images,
+    camera_info and mount on /tf_static; CAM_FRONT on topics.image / topics.camera_info,
+    the others on `topics.camera_topics(channel)`.
     keyframes_only: 2 Hz keyframes only, else every LiDAR sweep (20 Hz) and camera frame
     (12 Hz); with_tf: also odom -> base_link on /tf at every sample_data stamp. The bag is
     written under a temporary name beside `path` and renamed at the end, so a failed
@@ -281,7 +314,8 @@ def convert_scene(nusc, scene: Mapping, path: PathLike, *, storage: str = 'mcap'
         shutil.rmtree(partial)  # ours, from a conversion that was killed
     try:
         summary = _write_scene(nusc, scene, partial, storage=storage,
-                               keyframes_only=keyframes_only, with_tf=with_tf, topics=topics)
+                               keyframes_only=keyframes_only, with_tf=with_tf, topics=topics,
+                               cameras=camera_channels(cameras))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -298,7 +332,8 @@ def partial_path(path: PathLike) -> Path:
 
 
 def _write_scene(nusc, scene: Mapping, path: Path, *, storage: str, keyframes_only: bool,
-                 with_tf: bool, topics: BagTopics) -> SceneConversion:
+                 with_tf: bool, topics: BagTopics, cameras: Tuple[str, ...]
+                 ) -> SceneConversion:
     dataroot = Path(nusc.dataroot)
     label_files = {r['sample_data_token']: r['filename'] for r in getattr(nusc, 'lidarseg', [])}
     lookup = lidarseg_lookup(nusc.category) if hasattr(nusc, 'lidarseg') else None
@@ -312,21 +347,28 @@ def _write_scene(nusc, scene: Mapping, path: Path, *, storage: str, keyframes_on
     # Calibrations are fixed per scene; looked up before the bag exists, so a scene that
     # lacks a channel fails without leaving a half-written bag behind.
     lidar_cal = calibration(first_keyframe(nusc, scene, LIDAR_CHANNEL))
-    camera_cal = calibration(first_keyframe(nusc, scene, CAMERA_CHANNEL))
     static_transforms = [
-        (BASE_FRAME, LIDAR_FRAME, pose_matrix(lidar_cal['translation'], lidar_cal['rotation'])),
-        (BASE_FRAME, CAMERA_FRAME,
-         pose_matrix(camera_cal['translation'], camera_cal['rotation']))]
-    stream = scene_stream(nusc, scene, (LIDAR_CHANNEL, CAMERA_CHANNEL), keyframes_only)
+        (BASE_FRAME, LIDAR_FRAME, pose_matrix(lidar_cal['translation'], lidar_cal['rotation']))]
+    for channel in cameras:
+        camera_cal = calibration(first_keyframe(nusc, scene, channel))
+        # The converters' frame ids are the channel names (CAMERA_FRAME for CAM_FRONT).
+        static_transforms.append(
+            (BASE_FRAME, channel, pose_matrix(camera_cal['translation'], camera_cal['rotation'])))
+    stream = scene_stream(nusc, scene, (LIDAR_CHANNEL,) + cameras, keyframes_only)
     with Writer(path, version=Writer.VERSION_LATEST, storage_plugin=STORAGES[storage]) as writer:
-        writer.set_custom_data('mmtta_ros.nuscenes', json.dumps(dict(
+        description = dict(
             version=nusc.version, scene=scene['name'], description=scene['description'],
             keyframes_only=bool(keyframes_only),
-            label_classes=list(CLASS_NAMES) if lookup is not None else None)))
-        plan = [(topics.tf_static, TF_TYPE, TF_STATIC_QOS),
-                (topics.camera_info, CAMERA_INFO_TYPE, SENSOR_QOS),
-                (topics.image, IMAGE_TYPE, SENSOR_QOS),
-                (topics.lidar, CLOUD_TYPE, SENSOR_QOS)]
+            label_classes=list(CLASS_NAMES) if lookup is not None else None)
+        if cameras != (CAMERA_CHANNEL,):  # absent for the default: that bag stays as it was
+            description['cameras'] = list(cameras)
+        writer.set_custom_data('mmtta_ros.nuscenes', json.dumps(description))
+        plan = [(topics.tf_static, TF_TYPE, TF_STATIC_QOS)]
+        for channel in cameras:
+            image_topic, info_topic = camera_bag_topics(channel, topics)
+            plan += [(info_topic, CAMERA_INFO_TYPE, SENSOR_QOS),
+                     (image_topic, IMAGE_TYPE, SENSOR_QOS)]
+        plan.append((topics.lidar, CLOUD_TYPE, SENSOR_QOS))
         if lookup is not None:
             plan.append((topics.labels, CLOUD_TYPE, SENSOR_QOS))
         if with_tf:
@@ -368,22 +410,25 @@ def _write_scene(nusc, scene: Mapping, path: Path, *, storage: str, keyframes_on
                     else:
                         summary.unlabeled_keyframes += 1
             else:
+                image_topic, info_topic = camera_bag_topics(channel, topics)
                 # camera_info first: a reader that pairs by stamp has K when the image comes.
-                write(topics.camera_info, stamp_ns, camera_info_message(
+                write(info_topic, stamp_ns, camera_info_message(
                     _camera_intrinsic(calibration(record)), _image_size(record, file_path),
-                    stamp_ns, CAMERA_FRAME))
-                write(topics.image, stamp_ns, jpeg_message(file_path.read_bytes(), stamp_ns))
+                    stamp_ns, channel))
+                write(image_topic, stamp_ns,
+                      jpeg_message(file_path.read_bytes(), stamp_ns, channel))
         summary.message_counts = {topic: writer.counts[connection.id]
                                   for topic, connection in connections.items()}
     summary.size_bytes = sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
     return summary
 
 
-def missing_files(nusc, scene: Mapping, keyframes_only: bool = False) -> List[Path]:
+def missing_files(nusc, scene: Mapping, keyframes_only: bool = False,
+                  cameras: Sequence[str] = (CAMERA_CHANNEL,)) -> List[Path]:
     """Return the sweep and image files of a scene that are not on disk."""
     dataroot = Path(nusc.dataroot)
     return [dataroot / record['filename']
-            for _, record in scene_stream(nusc, scene, (LIDAR_CHANNEL, CAMERA_CHANNEL),
+            for _, record in scene_stream(nusc, scene, (LIDAR_CHANNEL,) + tuple(cameras),
                                           keyframes_only)
             if not (dataroot / record['filename']).is_file()]
 
@@ -415,7 +460,8 @@ def convert(dataroot: PathLike, output_dir: PathLike, *, version: str = DEFAULT_
             scene_names: Optional[Sequence[str]] = None, split: Optional[str] = None,
             storage: str = 'mcap',
             keyframes_only: bool = False, with_tf: bool = True,
-            topics: BagTopics = BagTopics(), progress=None) -> List[SceneConversion]:
+            topics: BagTopics = BagTopics(), cameras: Union[str, Sequence[str]] = (
+                CAMERA_CHANNEL,), progress=None) -> List[SceneConversion]:
     """
     Convert scenes of a nuScenes dataset to bags `output_dir/<scene name>`.
 
@@ -430,6 +476,7 @@ def convert(dataroot: PathLike, output_dir: PathLike, *, version: str = DEFAULT_
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split is not None and scene_names is not None:
         raise ValueError('name scenes or choose a split, not both')
+    cameras = camera_channels(cameras)
     nusc = load_nuscenes(dataroot, version)
     scenes = select_scenes(nusc.scene, scene_names, split)
     if not scenes:
@@ -437,7 +484,7 @@ def convert(dataroot: PathLike, output_dir: PathLike, *, version: str = DEFAULT_
         raise ValueError(f'{version} at {dataroot} has no night scene in {which}: name '
                          'scenes to convert')
     for scene in scenes:
-        missing = missing_files(nusc, scene, keyframes_only)
+        missing = missing_files(nusc, scene, keyframes_only, cameras)
         if missing:
             raise FileNotFoundError(
                 f"{scene['name']}: {len(missing)} sample files are missing, e.g. {missing[0]} "
@@ -451,7 +498,8 @@ def convert(dataroot: PathLike, output_dir: PathLike, *, version: str = DEFAULT_
     summaries = []
     for scene in scenes:
         summary = convert_scene(nusc, scene, output_dir / scene['name'], storage=storage,
-                                keyframes_only=keyframes_only, with_tf=with_tf, topics=topics)
+                                keyframes_only=keyframes_only, with_tf=with_tf, topics=topics,
+                                cameras=cameras)
         summaries.append(summary)
         if progress is not None:
             progress(summary)

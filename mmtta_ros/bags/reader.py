@@ -14,6 +14,11 @@ composed with base_link -> LiDAR from /tf_static. Without them it is None. Likew
 T_odom_from_cam: that pose interpolated at the image's stamp, composed with base_link ->
 camera (from /tf_static; with a T_cam_from_lidar override, base_link -> LiDAR and the
 override, so the compensated transform agrees with the override while the car stands).
+
+More cameras (`BagTopics.extra_cameras`): every camera's image joins the same pairing (one
+image per camera and the sweep make a set), each decoded with its own camera_info, mount
+and pose into the frame's extra CameraViews; the T_cam_from_lidar override is the
+primary camera's only.
 """
 
 from dataclasses import dataclass
@@ -25,12 +30,13 @@ import numpy as np
 from rosbags.rosbag2 import Reader
 
 from mmtta_ros.bags.topics import (
-    BagTopics, bag_typestore, BASE_FRAME, CAMERA_FRAME, CLOUD_TYPE, LABELED_POINTS_TOPIC,
+    BagTopics, bag_typestore, BASE_FRAME, CAMERA_FRAME, camera_topics, CLOUD_TYPE,
+    LABELED_POINTS_TOPIC,
     LIDAR_FRAME, ODOM_FRAME, RAW_IMAGE_TYPE, stamp_to_ns)
 from mmtta_ros.bags.transforms import (
     add_poses, add_transforms, lookup_transform, PoseTrack, TransformTree)
 from mmtta_ros.core.builder import build_synchronizer
-from mmtta_ros.core.decode import frame_from_messages
+from mmtta_ros.core.decode import camera_view_from_messages, frame_from_messages
 from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.frame import Frame
 from mmtta_ros.core.pairing import MatchedSet
@@ -139,6 +145,12 @@ class BagFrameReader:
                     raise SensorDataError(
                         f'bag {self.path} has no {role} topic {topic!r} (topics: '
                         f"{', '.join(sorted(by_topic))}); pass topics=BagTopics({role}=...)")
+            for name in self.topics.extra_cameras:
+                missing = [t for t in camera_topics(name) if t not in by_topic]
+                if missing:
+                    raise SensorDataError(
+                        f"bag {self.path} has no {' or '.join(missing)} of camera {name} "
+                        f"(topics: {', '.join(sorted(by_topic))})")
             self.has_labels = self.topics.labels in by_topic
             # The converters write compressed images, a raw camera driver sensor_msgs/Image.
             self._raw_image = by_topic[self.topics.image][0].msgtype == RAW_IMAGE_TYPE
@@ -146,29 +158,36 @@ class BagFrameReader:
                                                    self.base_frame)
             self._transforms, self._base_from_sensor = {}, {}
 
-            roles = {}
+            # Connection id -> (role, camera): camera 0 is the primary, k extra_cameras[k - 1].
+            roles: Dict[int, Tuple[str, int]] = {}
             for role in ('image', 'camera_info', 'lidar', 'labels'):
                 for connection in by_topic.get(getattr(self.topics, role), []):
-                    roles[connection.id] = role
-            pairing = build_synchronizer(self.sync)
-            infos = _RecentByStamp(self.window_ns)
+                    roles[connection.id] = (role, 0)
+            for camera, name in enumerate(self.topics.extra_cameras, start=1):
+                for role, topic in zip(('image', 'camera_info'), camera_topics(name)):
+                    for connection in by_topic[topic]:
+                        roles[connection.id] = (role, camera)
+            pairing = build_synchronizer(self.sync, 1 + len(self.topics.extra_cameras))
+            infos = [_RecentByStamp(self.window_ns)
+                     for _ in range(1 + len(self.topics.extra_cameras))]
             labels = _RecentByStamp(self.window_ns)
             ready: List[MatchedSet] = []
             connections = [c for c in bag.connections if c.id in roles]
             for connection, _, raw in bag.messages(connections=connections):
-                role = roles[connection.id]
+                role, camera = roles[connection.id]
                 msg = typestore.deserialize_cdr(raw, connection.msgtype)
                 stamp = stamp_to_ns(msg.header.stamp)
                 if role in ('camera_info', 'labels'):
-                    (infos if role == 'camera_info' else labels).add(stamp, msg)
+                    (infos[camera] if role == 'camera_info' else labels).add(stamp, msg)
                     continue
                 if role == 'lidar':
                     self.stats.sweeps += 1
                 else:
                     self.stats.images += 1
+                index = POINTS if role == 'lidar' else (IMAGE if camera == 0 else 1 + camera)
                 # A time jump (a bag with a loop in it) only clears the queues, as live.
-                events = [e for e in pairing.add(IMAGE if role == 'image' else POINTS,
-                                                 stamp, msg) if isinstance(e, MatchedSet)]
+                events = [e for e in pairing.add(index, stamp, msg)
+                          if isinstance(e, MatchedSet)]
                 # Pairs are built one message late: the camera_info or labels of the same
                 # instant may be logged just after the message that made a pair final.
                 yield from self._build(ready, infos, labels, tree)
@@ -176,13 +195,16 @@ class BagFrameReader:
             yield from self._build(ready + pairing.flush(), infos, labels, tree)
             self.stats.unpaired_sweeps = self.stats.sweeps - pairing.stats.matched[POINTS]
 
-    def _build(self, pairs: List[MatchedSet], infos: '_RecentByStamp',
+    def _build(self, pairs: List[MatchedSet], infos: List['_RecentByStamp'],
                labels: '_RecentByStamp', tree) -> Iterator[Frame]:
         for pair in pairs:
             image_msg, cloud_msg = pair.messages[IMAGE], pair.messages[POINTS]
+            image_msgs = [image_msg] + list(pair.messages[POINTS + 1:])
+            info_msgs = [box.get(stamp_to_ns(msg.header.stamp), nearest_fallback=True)
+                         for box, msg in zip(infos, image_msgs)]
             image_stamp = stamp_to_ns(image_msg.header.stamp)
-            info_msg = infos.get(image_stamp, nearest_fallback=True)
-            if info_msg is None:
+            info_msg = info_msgs[0]
+            if any(info is None for info in info_msgs):
                 self.stats.skipped_no_camera_info += 1
                 continue
             lidar_stamp = stamp_to_ns(cloud_msg.header.stamp)
@@ -197,11 +219,21 @@ class BagFrameReader:
             T_odom_from_cam = self._odom_from_camera(
                 image_stamp, str(image_msg.header.frame_id), lidar_frame, tree)
             try:
+                views = [camera_view_from_messages(
+                    name, msg, info, image_size=self.image_size, raw_image=self._raw_image,
+                    T_cam_from_lidar=self._camera_from_lidar(
+                        str(msg.header.frame_id), lidar_frame, tree, override=False),
+                    T_odom_from_cam=self._odom_from_sensor(
+                        stamp_to_ns(msg.header.stamp), str(msg.header.frame_id), tree))
+                    for name, msg, info in zip(self.topics.extra_cameras, image_msgs[1:],
+                                               info_msgs[1:])]
                 frame = frame_from_messages(
                     image_msg, info_msg, cloud_msg, T_cam_from_lidar=T,
                     image_size=self.image_size, raw_image=self._raw_image,
                     labels_msg=labels_msg, sequence=self.sequence, index=self.stats.frames,
-                    T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam)
+                    T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam,
+                    extra_cameras=views,
+                    camera_name=str(image_msg.header.frame_id) if views else '')
             except SensorDataError as error:
                 self._reject(error)
                 continue
@@ -247,8 +279,9 @@ class BagFrameReader:
         if count <= 5 or count % 100 == 0:
             LOGGER.warning('%s: skipped a frame (%d so far): %s', self.sequence, count, error)
 
-    def _camera_from_lidar(self, camera_frame: str, lidar_frame: str, tree) -> np.ndarray:
-        if self.T_cam_from_lidar is not None:
+    def _camera_from_lidar(self, camera_frame: str, lidar_frame: str, tree,
+                           override: bool = True) -> np.ndarray:
+        if override and self.T_cam_from_lidar is not None:
             return self.T_cam_from_lidar
         key = (camera_frame, lidar_frame)
         if key not in self._transforms:

@@ -10,6 +10,7 @@ Nothing here imports rclpy.
 
 from dataclasses import dataclass
 import functools
+from typing import Tuple
 
 import numpy as np
 from rosbags.interfaces import (
@@ -49,6 +50,13 @@ class BagTopics:
     labels: str = '/LIDAR_TOP/labels'
     tf_static: str = '/tf_static'
     tf: str = '/tf'  # some converters put the sensor mounts here instead
+    # Cameras besides `image`'s, by name: each on camera_topics(name), frame id its name.
+    extra_cameras: Tuple[str, ...] = ()
+
+
+def camera_topics(name: str) -> Tuple[str, str]:
+    """Return the (image, camera_info) topics of camera `name`, as the nuScenes converters."""
+    return f'/{name}/image_rect_compressed', f'/{name}/camera_info'
 
 
 def make_qos(reliable: bool, transient_local: bool, depth: int) -> Qos:

@@ -22,7 +22,8 @@ from PIL import Image as PILImage
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from mmtta_ros.bags.topics import (
-    bag_typestore, BagTopics, BASE_FRAME, CAMERA_FRAME, CAMERA_INFO_TYPE, CLOUD_TYPE,
+    bag_typestore, BagTopics, BASE_FRAME, CAMERA_FRAME, CAMERA_INFO_TYPE, camera_topics,
+    CLOUD_TYPE,
     IMAGE_TYPE, LABELED_POINTS_TOPIC, LABELS_LAYOUT, labels_to_wire, LIDAR_FRAME,
     matrix_to_quaternion, ns_to_sec_nanosec, ODOM_FRAME, RESULT_QOS, SENSOR_QOS, TF_QOS,
     TF_STATIC_QOS, TF_TYPE)
@@ -32,7 +33,7 @@ from mmtta_ros.sensors.pointcloud import (
 from mmtta_ros.synth import (
     CameraImage, generate_streams, GENERATOR_VERSION, SensorSample, SequenceConfig,
     SyntheticSequence, T_EGO_FROM_CAM, T_EGO_FROM_LIDAR)
-from mmtta_ros.synth.sequence import LIDAR_PERIOD_NS
+from mmtta_ros.synth.sequence import ego_from_camera, LIDAR_PERIOD_NS, stream_events
 
 PathLike = Union[str, Path]
 STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
@@ -170,9 +171,9 @@ def _start_worker(config: SequenceConfig) -> None:
     _WORKER_SEQUENCE = SyntheticSequence(config)
 
 
-def _render(is_camera: bool, index: int) -> SensorSample:
+def _render(is_camera: bool, index: int, camera: int) -> SensorSample:
     if is_camera:
-        return _WORKER_SEQUENCE.camera_image(index)
+        return _WORKER_SEQUENCE.camera_image(index, camera)
     return _WORKER_SEQUENCE.lidar_sweep(index)
 
 
@@ -186,15 +187,12 @@ def sensor_samples(config: SequenceConfig, workers: int = 1) -> Iterator[SensorS
     if workers <= 1:
         yield from generate_streams(config)
         return
-    sequence = SyntheticSequence(config)
-    events = [(sequence.lidar_stamp(i), False, i) for i in range(sequence.num_sweeps)]
-    events += [(sequence.camera_stamp(j), True, j) for j in sequence.camera_indices()]
-    events.sort()
+    events = stream_events(SyntheticSequence(config))
     with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(config,)) as pool:
         # A short look-ahead keeps every worker busy without holding the whole drive in memory.
         pending = deque()
-        for _, is_camera, index in events:
-            pending.append(pool.submit(_render, is_camera, index))
+        for _, is_camera, index, camera in events:
+            pending.append(pool.submit(_render, is_camera, index, camera))
             if len(pending) > 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -209,6 +207,7 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
                    lidar_azimuth_steps: Optional[int] = None,
                    latency_ms: Tuple[float, float] = (1.0, 6.0),
                    topics: BagTopics = BagTopics(), workers: int = 1, with_tf: bool = False,
+                   extra_cameras: Tuple[str, ...] = (),
                    progress: Optional[Callable[[int, int], None]] = None) -> DemoBagSummary:
     """
     Write a synthetic drive as a rosbag2 bag (mcap or sqlite3) and return what was written.
@@ -221,6 +220,8 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
     workers: processes that render (the bag is the same for any number).
     with_tf: also write the ego pose, odom -> base_link on /tf, at every sensor stamp (as
     the nuScenes converter does with the ego pose of each sample_data).
+    extra_cameras: cameras besides CAM_FRONT (`synth.sequence.CAMERA_MOUNTS` names), each
+    on `camera_topics(name)` with frame id `name` and its mount on /tf_static.
     progress: called as progress(sweeps_written, num_sweeps).
     """
     started = time.perf_counter()
@@ -234,7 +235,11 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
     if not 0.0 <= low_ms <= high_ms:
         raise ValueError(f'latency_ms must be (min, max) with 0 <= min <= max, got {latency_ms}')
     config = SequenceConfig(domain=domain, seed=int(seed), num_frames=num_sweeps,
-                            image_size=render_size, lidar_azimuth_steps=lidar_azimuth_steps)
+                            image_size=render_size, lidar_azimuth_steps=lidar_azimuth_steps,
+                            extra_cameras=tuple(extra_cameras))
+    # Camera k: (image topic, camera_info topic, frame id); 0 is the primary.
+    cameras = [(topics.image, topics.camera_info, CAMERA_FRAME)] + [
+        (*camera_topics(name), name) for name in config.extra_cameras]
     samples = sensor_samples(config, workers)
     # The trajectory alone (no rendering): the ego poses for /tf.
     trajectory = SyntheticSequence(config) if with_tf else None
@@ -243,10 +248,13 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
     summary = DemoBagSummary(path=Path(path), storage=storage, num_sweeps=0, num_images=0)
 
     with _open_writer(path, storage) as writer:
-        writer.set_custom_data('mmtta_ros.demo_bag', json.dumps(dict(
+        description = dict(
             generator_version=GENERATOR_VERSION, domain=domain, seed=int(seed),
             num_sweeps=num_sweeps, image_size=list(image_size), render_size=list(render_size),
-            lidar_azimuth_steps=lidar_azimuth_steps, labels_topic=topics.labels)))
+            lidar_azimuth_steps=lidar_azimuth_steps, labels_topic=topics.labels)
+        if config.extra_cameras:  # absent for one camera: that bag stays byte for byte
+            description['extra_cameras'] = list(config.extra_cameras)
+        writer.set_custom_data('mmtta_ros.demo_bag', json.dumps(description))
         connections = {
             topics.tf_static: writer.add_connection(
                 topics.tf_static, TF_TYPE, typestore=typestore,
@@ -262,6 +270,10 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
                 topics.labels, CLOUD_TYPE, typestore=typestore,
                 offered_qos_profiles=[SENSOR_QOS]),
         }
+        for image_topic, info_topic, _ in cameras[1:]:
+            for topic, msgtype in ((info_topic, CAMERA_INFO_TYPE), (image_topic, IMAGE_TYPE)):
+                connections[topic] = writer.add_connection(
+                    topic, msgtype, typestore=typestore, offered_qos_profiles=[SENSOR_QOS])
         if with_tf:
             connections[topics.tf] = writer.add_connection(
                 topics.tf, TF_TYPE, typestore=typestore, offered_qos_profiles=[TF_QOS])
@@ -280,29 +292,34 @@ def write_demo_bag(path: PathLike, *, domain: str = 'night', seed: int = 0,
                              typestore.serialize_cdr(msg, connections[topic].msgtype))
 
         first = True
-        last_log_ns = {True: 0, False: 0}  # per sensor: is it the camera?
+        last_log_ns = {}  # per sensor: the LiDAR (None) or camera k
         for sample in samples:
             stamp = sample.stamp_ns
             if first:
                 # Static transforms are latched before any sensor data, at the first stamp.
                 push(stamp, topics.tf_static, tf_message(
                     [(BASE_FRAME, LIDAR_FRAME, T_EGO_FROM_LIDAR),
-                     (BASE_FRAME, CAMERA_FRAME, T_EGO_FROM_CAM)], stamp))
+                     (BASE_FRAME, CAMERA_FRAME, T_EGO_FROM_CAM)]
+                    + [(BASE_FRAME, name, ego_from_camera(name))
+                       for name in config.extra_cameras], stamp))
                 first = False
             is_camera = isinstance(sample, CameraImage)
+            sensor = sample.camera if is_camera else None
             # A driver's messages leave through one queue: jitter never reorders a topic.
-            log_ns = max(stamp + int(rng.uniform(low_ms, high_ms) * 1e6), last_log_ns[is_camera])
-            last_log_ns[is_camera] = log_ns
+            log_ns = max(stamp + int(rng.uniform(low_ms, high_ms) * 1e6),
+                         last_log_ns.get(sensor, 0))
+            last_log_ns[sensor] = log_ns
             if with_tf:
                 # Odometry at the sensor's stamp, logged with the sensor's message.
                 push(log_ns, topics.tf, tf_message(
                     [(ODOM_FRAME, BASE_FRAME, trajectory.ego_pose(stamp))], stamp))
             if is_camera:
                 image, K = resize_image(sample.image, sample.K, image_size)
+                image_topic, info_topic, frame_id = cameras[sample.camera]
                 # camera_info first: a reader that pairs by stamp has K when the image comes.
-                push(log_ns, topics.camera_info, camera_info_message(K, image_size, stamp))
-                push(log_ns, topics.image,
-                     compressed_image_message(image, stamp, quality=jpeg_quality))
+                push(log_ns, info_topic, camera_info_message(K, image_size, stamp, frame_id))
+                push(log_ns, image_topic, compressed_image_message(
+                    image, stamp, frame_id, quality=jpeg_quality))
                 summary.num_images += 1
             else:
                 push(log_ns, topics.lidar, lidar_cloud_message(

@@ -5,6 +5,7 @@ The pipeline, source training and the tests all batch through `frames_to_input`,
 model module never needs to know what a Frame is.
 """
 
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,6 +41,48 @@ def project_frame(frame: Frame, min_depth: float = 1.0, ego_motion: bool = False
     """
     return project_points(frame.points_lidar, camera_from_lidar(frame, ego_motion), frame.K,
                           frame.image_size, min_depth=min_depth)
+
+
+def view_frames(frame: Frame) -> List[Frame]:
+    """
+    Return one one-camera Frame per camera of `frame` (the frame itself for one camera).
+
+    Each shares the sweep (points, intensity, labels, pose) and takes one camera's image,
+    intrinsics, extrinsics, stamp and pose; the primary camera comes first.
+    """
+    if not frame.extra_cameras:
+        return [frame]
+    return [replace(frame, image=view.image, K=view.K, T_cam_from_lidar=view.T_cam_from_lidar,
+                    stamp_image_ns=view.stamp_image_ns, T_odom_from_cam=view.T_odom_from_cam,
+                    extra_cameras=(), camera_name=view.name)
+            for view in frame.views()]
+
+
+def project_views(frame: Frame, min_depth: float = 1.0,
+                  ego_motion: bool = False) -> List[Projection]:
+    """
+    Project a frame's points into each of its cameras; each point goes to one camera at most.
+
+    Returns one Projection per camera (view_frames order) whose in_view masks are
+    disjoint: a point seen by several cameras stays in view only of the one where it lies
+    farthest from the image border (in pixels; ties go to the earlier camera), so every
+    point is labeled once, by the view that sees it with the most context around it. One
+    camera: [project_frame(frame)], unchanged.
+    """
+    views = view_frames(frame)
+    projections = [project_frame(view, min_depth, ego_motion) for view in views]
+    if len(projections) == 1:
+        return projections
+    width, height = frame.image_size
+    margins = np.full((len(views), frame.num_points), -np.inf, dtype=np.float32)
+    for row, projection in zip(margins, projections):
+        u, v = projection.pixels[:, 0], projection.pixels[:, 1]
+        margin = np.minimum(np.minimum(u, width - u), np.minimum(v, height - v))
+        row[projection.in_view] = margin[projection.in_view]
+    seen = np.isfinite(margins).any(axis=0)
+    best = np.argmax(margins, axis=0)  # the first maximum: ties go to the earlier camera
+    return [replace(projection, in_view=seen & (best == camera))
+            for camera, projection in enumerate(projections)]
 
 
 def frames_to_input(frames: Sequence[Frame], device: torch.device, min_depth: float = 1.0,

@@ -114,9 +114,15 @@ def build_pipeline(params: PipelineParams, *, model: Optional[torch.nn.Module] =
                     precision=params.model.precision, keep_features=labels.mode == 'point')
 
 
-def build_synchronizer(params: SyncParams) -> ApproximateSynchronizer:
-    """Return the pairing of images (input 0) with LiDAR sweeps (input 1)."""
+def build_synchronizer(params: SyncParams, num_cameras: int = 1) -> ApproximateSynchronizer:
+    """
+    Return the pairing of images (input 0) with LiDAR sweeps (input 1).
+
+    num_cameras > 1: the further cameras' images are inputs 2, 3, ...: a set holds one
+    message of every camera and the sweep.
+    """
     return ApproximateSynchronizer(
-        num_inputs=2, slop_ns=int(round(params.slop_s * 1e9)), queue_size=params.queue_size,
+        num_inputs=1 + int(num_cameras), slop_ns=int(round(params.slop_s * 1e9)),
+        queue_size=params.queue_size,
         clock_jump_ns=int(round(params.time_jump_s * 1e9)),
         period_fraction=params.period_fraction)

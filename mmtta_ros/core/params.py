@@ -49,6 +49,12 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('inputs.reliable', False, 'subscribe the image, camera_info and points '
               'reliable (lossless from a reliable publisher: a recorder, a player with '
               '--reliable) instead of sensor-data best effort', read_only=True),
+    ParamSpec('inputs.cameras', [''], 'the cameras, in order (the first is primary: its '
+              'image carries the overlay): [\'\'] one camera on ~/input/image and '
+              '~/input/camera_info; names (CAM_FRONT, CAM_BACK, ...) subscribe '
+              '~/input/<name>/image and ~/input/<name>/camera_info each, all synchronised '
+              'with the sweep; each point is labeled by the camera that sees it best',
+              read_only=True),
     ParamSpec('inputs.depth', 5, 'messages kept per input subscription (keep last)', 1, 1000,
               read_only=True),
     ParamSpec('sync.slop', 0.05, 'largest stamp difference (s) between a LiDAR sweep and the '
@@ -141,6 +147,9 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     # Calibration and classes.
     ParamSpec('calibration.T_cam_from_lidar', [0.0], 'LiDAR->camera transform: 16 numbers '
               '(4x4 row-major) or 7 (x y z qx qy qz qw)', read_only=True),
+    ParamSpec('calibration.extra_T_cam_from_lidar', [0.0], 'the further cameras\' '
+              'LiDAR->camera transforms, 16 numbers (4x4 row-major) each, in inputs.cameras '
+              'order after the first; used where TF has none ([0.0]: unset)', read_only=True),
     ParamSpec('calibration.ego_motion', True, 'compensate the car\'s motion between the '
               'sweep\'s and the image\'s stamps (the nuScenes devkit\'s chain through the two '
               'ego poses); acts only where both poses are known (TF with tf2_ros, a bag\'s '
@@ -165,6 +174,9 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               choices=FUSIONS),
     ParamSpec('output.include_out_of_view', True, 'also publish points outside the camera view '
               '(label 65535, grey)'),
+    ParamSpec('output.label_unseen_3d', False, 'with include_out_of_view: label the points no '
+              'camera sees with the 3D branch alone (one more forward of the sparse branch a '
+              'frame) instead of 65535'),
     ParamSpec('diagnostics_period', 1.0, 'seconds between /diagnostics messages', 0.1, 60.0,
               read_only=True),
     # Safety and state.
@@ -258,10 +270,42 @@ def check_value(name: str, value: Any) -> Optional[str]:
             parse_extrinsics(list(value))
         except (SensorDataError, TypeError, ValueError) as error:
             return f'{name}: {error}'
+    if name == 'inputs.cameras':
+        return camera_names_problem(value)
+    if name == 'calibration.extra_T_cam_from_lidar' and list(value) != [0.0]:
+        if len(value) % 16:
+            return f'{name} needs 16 numbers per camera, got {len(value)}'
+        try:
+            for start in range(0, len(value), 16):
+                parse_extrinsics(list(value[start:start + 16]))
+        except (SensorDataError, TypeError, ValueError) as error:
+            return f'{name}: {error}'
+
     if name == 'classes.palette':
         if len(value) % 3 or any(isinstance(v, bool) or not isinstance(v, int)
                                  or not 0 <= v <= 255 for v in value):
             return f'{name} needs 3 integers in 0..255 per class, got {value!r}'
+    return None
+
+
+# At most this many cameras (nuScenes has six).
+MAX_CAMERAS = 12
+
+
+def camera_names_problem(names: Any) -> Optional[str]:
+    """Return why `names` is not a usable inputs.cameras list, or None if it is."""
+    prefix = 'inputs.cameras'
+    if not isinstance(names, list) or not names or len(names) > MAX_CAMERAS:
+        return f'{prefix} must list 1 to {MAX_CAMERAS} camera names, got {names!r}'
+    if names == ['']:
+        return None
+    for name in names:
+        if not isinstance(name, str) or not name or not (
+                name[0].isalpha() and name.replace('_', 'a').isalnum() and name.isascii()):
+            return (f'{prefix}: {name!r} is not a camera name (letters, digits and _, '
+                    f"starting with a letter; [''] alone means one unnamed camera)")
+    if len(set(names)) != len(names):
+        return f'{prefix} names a camera twice: {names!r}'
     return None
 
 
@@ -306,6 +350,9 @@ class OutputParams:
     include_out_of_view: bool = True
     publish_overlay: bool = True
     fusion: str = 'mean'
+    # With include_out_of_view: points no camera sees get the 3D branch's class (one more
+    # forward of the sparse branch a frame) instead of 65535.
+    label_unseen_3d: bool = False
 
 
 @dataclass(frozen=True)
@@ -320,6 +367,15 @@ class InputParams:
     use_tf: bool = True      # extrinsics and ego poses from TF where tf2_ros is there
     tf_timeout_s: float = 0.05
     odom_frame: str = 'odom'
+    # Camera names, the primary first; ('',): one unnamed camera (~/input/image).
+    cameras: Tuple[str, ...] = ('',)
+    # <float64: 4, 4> of each further camera where TF has none; () when not given.
+    extra_T_cam_from_lidar: Tuple[np.ndarray, ...] = ()
+
+    @property
+    def num_cameras(self) -> int:
+        """Return how many cameras each sweep is synchronised with."""
+        return len(self.cameras)
 
 
 @dataclass(frozen=True)
@@ -417,6 +473,11 @@ def check_values(values: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
 def node_params(values: Mapping[str, Any]) -> NodeParams:
     """Return the typed parameters of checked `values`; ValueError lists every problem."""
     v, problems = check_values(values)
+    extra_T = list(v['calibration.extra_T_cam_from_lidar'])
+    extra_T = [] if extra_T == [0.0] else extra_T
+    if not problems and extra_T and len(extra_T) != 16 * (len(v['inputs.cameras']) - 1):
+        problems.append(f'calibration.extra_T_cam_from_lidar has {len(extra_T) // 16} '
+                        f'transforms for {len(v["inputs.cameras"]) - 1} further cameras')
     if problems:
         raise ValueError('invalid parameters: ' + '; '.join(problems))
     method = v['adaptation.method']
@@ -447,7 +508,11 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
                            ego_motion=v['calibration.ego_motion'],
                            use_tf=v['calibration.use_tf'],
                            tf_timeout_s=v['calibration.tf_timeout'],
-                           odom_frame=v['calibration.odom_frame']),
+                           odom_frame=v['calibration.odom_frame'],
+                           cameras=tuple(v['inputs.cameras']),
+                           extra_T_cam_from_lidar=tuple(
+                               parse_extrinsics(extra_T[i:i + 16])
+                               for i in range(0, len(extra_T), 16))),
         labels=label_params(v))
     return NodeParams(
         pipeline=pipeline,
@@ -483,7 +548,8 @@ def output_params(values: Mapping[str, Any]) -> OutputParams:
         palette=np.asarray(values['classes.palette'], dtype=np.uint8).reshape(-1, 3),
         include_out_of_view=values['output.include_out_of_view'],
         publish_overlay=values['output.publish_overlay'],
-        fusion=values['output.fusion'])
+        fusion=values['output.fusion'],
+        label_unseen_3d=values['output.label_unseen_3d'])
 
 
 # --- the YAML file: the node's params file is also the offline tools' config ------------

@@ -8,26 +8,29 @@ is scored offline is what the node publishes.
 """
 
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 import threading
 import time
-from typing import Any, Deque, Optional, Tuple
+from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmtta_ros.core.batching import frames_to_input, project_frame
+from mmtta_ros.core.batching import frames_to_input, project_views, view_frames
 from mmtta_ros.core.classes import IGNORE_INDEX
-from mmtta_ros.core.decode import frame_from_messages
+from mmtta_ros.core.decode import camera_view_from_messages, frame_from_messages
 from mmtta_ros.core.errors import SensorDataError
-from mmtta_ros.core.frame import Frame
+from mmtta_ros.core.frame import CameraView, Frame
 from mmtta_ros.core.params import InputParams, OutputParams
 from mmtta_ros.core.persist import PathLike
 from mmtta_ros.core.window import FrameWindow
-from mmtta_ros.models.segmenter import fuse_2d3d
+from mmtta_ros.models.segmenter import fuse_2d3d, SegmenterInput
 from mmtta_ros.sensors.pointcloud import encode_labeled_cloud, LabeledCloudBuffer
 from mmtta_ros.sensors.projection import Projection
+from mmtta_ros.tta.norm import norm_layers
+from mmtta_ros.tta.source_branch import branch_skipped
 from mmtta_ros.viz.overlay import draw_points
 
 # Fewer in-view points than this and a frame is rejected (see Pipeline.process).
@@ -42,18 +45,25 @@ class FrameOutput:
     What the pipeline made of one frame.
 
     frame:          the frame processed
-    in_view:        <bool: N> points that project into the image (the only ones labeled)
+    in_view:        <bool: N> points that project into an image (labeled by both branches);
+                    with several cameras, into the image of the camera assigned to them
+                    (`core.batching.project_views`)
     prediction_2d:  <np.int64: M> 2D-branch class per in-view point (M = in_view.sum())
     prediction_3d:  <np.int64: M> 3D-branch class per in-view point
     prediction:     <np.int64: M> 2D+3D class (argmax of the averaged softmaxes)
     confidence:     <np.float32: M> averaged softmax probability of `prediction`
-    pixels:         <np.float32: M, 2> (u, v) of the in-view points in the frame's image
+    pixels:         <np.float32: M, 2> (u, v) of the in-view points in their camera's image
     stats:          the adaptation method's numbers for this step (loss, entropy, ...)
     cloud:          the labeled cloud to publish (LiDAR frame, the sweep's stamp)
     overlay:        <np.uint8: H, W, 3> the image with labeled points, or None
     step_seconds:   time of the step (projection, model, adaptation), without packing
     features:       <np.float32: M, F> per in-view point (2D and 3D features, each of
                     unit length, side by side), kept only for label requests, else None
+    camera:         <np.int64: M> camera of each in-view point (0: the primary camera, k:
+                    frame.extra_cameras[k - 1]); None for a one-camera frame
+    unseen_prediction: <np.int64: N - M> 3D-branch class of each point no camera sees
+                    (`output.label_unseen_3d`), else None
+    unseen_confidence: <np.float32: N - M> its 3D softmax probability, else None
     """
 
     frame: Frame
@@ -68,17 +78,29 @@ class FrameOutput:
     overlay: Optional[np.ndarray] = None
     step_seconds: float = 0.0
     features: Optional[np.ndarray] = None
+    camera: Optional[np.ndarray] = None
+    unseen_prediction: Optional[np.ndarray] = None
+    unseen_confidence: Optional[np.ndarray] = None
 
     def labels_full(self) -> np.ndarray:
-        """Return <np.int64: N> 2D+3D class per input point, IGNORE_INDEX out of view."""
+        """
+        Return <np.int64: N> class per input point: 2D+3D in view, else IGNORE_INDEX.
+
+        Points no camera sees take their 3D-only class where it was computed
+        (unseen_prediction).
+        """
         labels = np.full(self.in_view.shape, IGNORE_INDEX, dtype=np.int64)
         labels[self.in_view] = self.prediction
+        if self.unseen_prediction is not None:
+            labels[~self.in_view] = self.unseen_prediction
         return labels
 
     def confidence_full(self) -> np.ndarray:
-        """Return <np.float32: N> confidence per input point, 0 out of view."""
+        """Return <np.float32: N> confidence per input point, 0 out of view (or 3D-only)."""
         confidence = np.zeros(self.in_view.shape, dtype=np.float32)
         confidence[self.in_view] = self.confidence
+        if self.unseen_confidence is not None:
+            confidence[~self.in_view] = self.unseen_confidence
         return confidence
 
     def labels_in_view(self) -> Optional[np.ndarray]:
@@ -122,9 +144,9 @@ class Pipeline:
         self._answers: Deque[Tuple[Frame, np.ndarray, np.ndarray]] = deque(
             maxlen=replay.capacity if replay is not None else 1)
         self._answers_lock = threading.Lock()
-        # Frames with their projections, so each frame is projected once however many
-        # windows it takes part in.
-        self._window: FrameWindow[Tuple[Frame, Projection]] = FrameWindow(batch_frames)
+        # Frames with their projections (one per camera), so each frame is projected once
+        # however many windows it takes part in.
+        self._window: FrameWindow[Tuple[Frame, List[Projection]]] = FrameWindow(batch_frames)
 
     @property
     def method_name(self) -> str:
@@ -135,20 +157,33 @@ class Pipeline:
     def frame_from_messages(self, image_msg, info_msg, cloud_msg, labels_msg=None,
                             T_cam_from_lidar: Optional[np.ndarray] = None,
                             T_odom_from_lidar: Optional[np.ndarray] = None,
-                            T_odom_from_cam: Optional[np.ndarray] = None) -> Frame:
+                            T_odom_from_cam: Optional[np.ndarray] = None,
+                            extra_cameras: Sequence[CameraView] = (),
+                            camera_name: str = '') -> Frame:
         """
         Decode a matched set with this pipeline's image size and calibration.
 
         T_cam_from_lidar: <4, 4> (from TF), else calibration.T_cam_from_lidar;
         T_odom_from_lidar, T_odom_from_cam: <4, 4> ego poses at the sweep's and the
-        image's stamps, where known (see Frame).
+        image's stamps, where known (see Frame); extra_cameras: the set's further
+        cameras (`camera_view_from_messages`), camera_name: the primary camera's name.
         """
         return frame_from_messages(
             image_msg, info_msg, cloud_msg, labels_msg=labels_msg,
             T_cam_from_lidar=(self.inputs.T_cam_from_lidar if T_cam_from_lidar is None
                               else T_cam_from_lidar),
             image_size=self.image_size, raw_image=self.inputs.raw_image,
-            T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam)
+            T_odom_from_lidar=T_odom_from_lidar, T_odom_from_cam=T_odom_from_cam,
+            extra_cameras=extra_cameras, camera_name=camera_name)
+
+    def camera_view_from_messages(self, name: str, image_msg, info_msg,
+                                  T_cam_from_lidar: Optional[np.ndarray],
+                                  T_odom_from_cam: Optional[np.ndarray] = None) -> CameraView:
+        """Decode a further camera's image of a set with this pipeline's image size."""
+        return camera_view_from_messages(
+            name, image_msg, info_msg, T_cam_from_lidar=T_cam_from_lidar,
+            image_size=self.image_size, raw_image=self.inputs.raw_image,
+            T_odom_from_cam=T_odom_from_cam)
 
     def process_messages(self, image_msg, info_msg, cloud_msg) -> FrameOutput:
         """Decode and process one matched set (SensorDataError for bad input)."""
@@ -162,6 +197,11 @@ class Pipeline:
         image (a covered camera, a wrong extrinsic): batch norm in train mode needs more
         than one value per channel, and so few points say nothing about the scene. A
         rejected frame does not enter the window.
+
+        A frame with extra cameras enters the batch as one entry per camera (each with
+        the points assigned to it, `core.batching.project_views`), so the method adapts
+        on all its images and points as on that many frames; its labels are scattered
+        back into the sweep's point order.
         """
         return self._run(frame, adapt=True)
 
@@ -183,27 +223,37 @@ class Pipeline:
         started = time.perf_counter()
         # The one place frames are projected online and offline: ego motion compensated
         # where inputs.ego_motion asks for it and the frame has both poses.
-        projection = project_frame(frame, self.min_depth, ego_motion=self.inputs.ego_motion)
-        in_view = int(np.count_nonzero(projection.in_view))
+        projections = project_views(frame, self.min_depth, ego_motion=self.inputs.ego_motion)
+        in_view = sum(int(np.count_nonzero(p.in_view)) for p in projections)
         if in_view < MIN_POINTS_IN_VIEW:
+            where = 'the image' if len(projections) == 1 else 'any of the images'
             raise SensorDataError(
-                f'only {in_view} LiDAR points project into the image (need '
+                f'only {in_view} LiDAR points project into {where} (need '
                 f'{MIN_POINTS_IN_VIEW}): camera covered, or T_cam_from_lidar / K wrong?')
+        label_unseen = self.output.include_out_of_view and self.output.label_unseen_3d
         with self._lock:
             if adapt:
                 self._take_answers()
-                frames, projections = zip(*self._window.push((frame, projection)))
+                entries = self._window.push((frame, projections))
             else:
-                frames, projections = (frame,), (projection,)
-            inputs, in_view_masks = frames_to_input(frames, self.device,
-                                                    projections=projections)
+                entries = [(frame, projections)]
+            # Each camera of each frame is one entry of the batch (one image, its points).
+            frames = [view for entry, _ in entries for view in view_frames(entry)]
+            inputs, in_view_masks = frames_to_input(
+                frames, self.device, projections=[p for _, ps in entries for p in ps])
             with self._autocast():
                 if adapt:
                     prediction = self.method.step(inputs)
                     stats = dict(getattr(self.method, 'stats', {}) or {})
                 else:
                     prediction, stats = self.method.predict(inputs), {}
-        newest = inputs.batch_index == len(frames) - 1
+            num_views = len(projections)
+            masks = in_view_masks[len(frames) - num_views:]
+            unseen = None
+            if label_unseen:
+                seen = np.logical_or.reduce(masks)
+                unseen = self._label_unseen(frame, frame.points_lidar[~seen])
+        newest = inputs.batch_index >= len(frames) - num_views
         if self.precision != 'fp32':
             prediction = _float32(prediction)
         with torch.no_grad():
@@ -215,13 +265,48 @@ class Pipeline:
             features = (_numpy(point_features(prediction, newest)) if self.keep_features
                         else None)
         output = FrameOutput(
-            frame=frame, in_view=in_view_masks[-1],
+            frame=frame, in_view=masks[0],
             prediction_2d=_numpy(labels_2d), prediction_3d=_numpy(labels_3d),
             prediction=_numpy(labels), confidence=_numpy(confidence).astype(np.float32),
             pixels=_numpy(inputs.pixels[newest]).astype(np.float32), stats=stats,
             features=features)
+        if num_views > 1:
+            output = _in_sweep_order(output, masks)
+        if unseen is not None:
+            output.unseen_prediction, output.unseen_confidence = unseen
         output.step_seconds = time.perf_counter() - started
         return self._pack(output)
+
+    def _label_unseen(self, frame: Frame, points: np.ndarray
+                      ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """
+        Return (class, confidence) <int64: U>, <float32: U> of points no camera sees, 3D only.
+
+        The method's own prediction (its adapted or teacher model) with the 2D branch
+        switched off: one more forward of the sparse 3D branch on these points alone, as one
+        frame; adapts nothing. None where there are no such points.
+        """
+        if not points.shape[0]:
+            return None
+        width, height = frame.image_size
+        pose = frame.T_odom_from_lidar
+        inputs = SegmenterInput(
+            # Never read: the 2D branch is skipped; only its shape (one frame) counts.
+            images=torch.zeros((1, 3, height, width), device=self.device),
+            pixels=torch.zeros((points.shape[0], 2), dtype=torch.int64, device=self.device),
+            batch_index=torch.zeros(points.shape[0], dtype=torch.int64, device=self.device),
+            points=torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)
+                                    ).to(self.device),
+            T_odom_from_lidar=(None if pose is None else torch.from_numpy(
+                np.asarray(pose, dtype=np.float64)[None]).to(self.device)))
+        models = _all_models(self.method)
+        # Batch norm in train mode records these points' statistics: put them back, so the
+        # extra forward leaves the method exactly as the step left it.
+        with branch_skipped(models, '2d'), _norm_buffers_kept(models), self._autocast():
+            prediction = self.method.predict(inputs)
+        with torch.no_grad():
+            confidence, labels = prediction.logits_3d.float().softmax(dim=1).max(dim=1)
+        return _numpy(labels), _numpy(confidence).astype(np.float32)
 
     def _autocast(self):
         """Return the autocast context of `precision` (a no-op for fp32)."""
@@ -242,11 +327,16 @@ class Pipeline:
                                             settings.palette)
         if settings.publish_overlay:
             colors = settings.palette[np.clip(output.prediction, 0, len(settings.palette) - 1)]
-            output.overlay = draw_points(frame.image, output.pixels, colors)
+            pixels = output.pixels
+            if output.camera is not None:
+                # The overlay is the primary camera's image: its points only.
+                primary = output.camera == 0
+                pixels, colors = pixels[primary], colors[primary]
+            output.overlay = draw_points(frame.image, pixels, colors)
         return output
 
     def set_output(self, **changes) -> None:
-        """Change output settings at run time (include_out_of_view, publish_overlay)."""
+        """Change output settings at run time (include_out_of_view, publish_overlay, ...)."""
         self.output = replace(self.output, **changes)
 
     # --- answered labels ---------------------------------------------------------------
@@ -306,6 +396,49 @@ class Pipeline:
         with self._lock:
             self.method.load_state(path)
             self._window.clear()
+
+
+def _in_sweep_order(output: FrameOutput, masks) -> FrameOutput:
+    """
+    Return `output` of a several-camera frame with its points in the sweep's order.
+
+    masks: per camera <bool: N>, disjoint; the per-point arrays of `output` come camera
+    by camera (the batch's order), each camera's points in sweep order.
+    """
+    order = np.concatenate([np.flatnonzero(mask) for mask in masks])
+    cameras = np.repeat(np.arange(len(masks), dtype=np.int64),
+                        [int(np.count_nonzero(mask)) for mask in masks])
+    to_sweep = np.argsort(order, kind='stable')
+    return replace(
+        output, in_view=np.logical_or.reduce(masks),
+        prediction_2d=output.prediction_2d[to_sweep],
+        prediction_3d=output.prediction_3d[to_sweep],
+        prediction=output.prediction[to_sweep], confidence=output.confidence[to_sweep],
+        pixels=output.pixels[to_sweep], camera=cameras[to_sweep],
+        features=None if output.features is None else output.features[to_sweep])
+
+
+def _all_models(method) -> List[torch.nn.Module]:
+    """Return every segmenter a (wrapped) method holds: adapted, slow, source copies."""
+    models: List[torch.nn.Module] = []
+    while method is not None:
+        for value in vars(method).values():
+            if isinstance(value, torch.nn.Module) and all(value is not m for m in models):
+                models.append(value)
+        method = getattr(method, 'method', None)
+    return models
+
+
+@contextmanager
+def _norm_buffers_kept(models: List[torch.nn.Module]) -> Iterator[None]:
+    """Within the block, forwards may touch norm-layer buffers; restore them on exit."""
+    kept = [(layer, {key: tensor.clone() for key, tensor in layer.state_dict().items()})
+            for model in models for _, layer in norm_layers(model)]
+    try:
+        yield
+    finally:
+        for layer, state in kept:
+            layer.load_state_dict(state)
 
 
 def _float32(prediction):

@@ -54,6 +54,10 @@ class SplitPipeline:
         """Decode a matched set (see Pipeline.frame_from_messages)."""
         return self.predictor.frame_from_messages(*args, **kwargs)
 
+    def camera_view_from_messages(self, *args, **kwargs):
+        """Decode a further camera's image (see Pipeline.camera_view_from_messages)."""
+        return self.predictor.camera_view_from_messages(*args, **kwargs)
+
     def predict(self, frame: Frame) -> FrameOutput:
         """Label a frame with the newest adapted state handed over; adapt nothing."""
         with self._exchange:

@@ -26,6 +26,8 @@ def save_frames(path: PathLike, frames: Sequence[Frame]) -> None:
     """Write frames (same image size) to one .npz, atomically."""
     if not frames:
         raise ValueError('no frames to save')
+    if any(f.extra_cameras for f in frames):
+        raise ValueError('the frame cache holds one camera per frame; these frames have more')
     counts = np.array([f.num_points for f in frames], dtype=np.int64)
     has_labels = all(f.labels is not None for f in frames)
     has_intensity = all(f.intensity is not None for f in frames)
@@ -127,11 +129,17 @@ def synthetic_frames(configs: Iterable, cache_dir: Optional[PathLike] = None) ->
 
     frames: List[Frame] = []
     for config in configs:
-        key = json.dumps({'config': asdict(config), 'version': GENERATOR_VERSION,
+        values = asdict(config)
+        if not values.get('extra_cameras', True):
+            # One camera: the key it had before configs could name more, so caches stay valid.
+            del values['extra_cameras']
+        key = json.dumps({'config': values, 'version': GENERATOR_VERSION,
                           'domain': domain_fingerprint(config.domain)},
                          sort_keys=True, default=str)
         name = f'{config.domain}-s{config.seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz'
         path = Path(cache_dir) / name if cache_dir is not None else None
+        if config.extra_cameras:
+            path = None  # the cache holds one camera per frame: several are generated
         if path is not None and path.is_file():
             frames.extend(_with_generator_poses(load_frames(path), config))
             continue

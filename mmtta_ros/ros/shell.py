@@ -81,11 +81,14 @@ class AdaptationShell:
         resumed = self.state.resume(warn=self.get_logger().warning)
         if resumed:
             self.get_logger().info(resumed)
-        self.sync = build_synchronizer(self.params.sync)
+        self.sync = build_synchronizer(self.params.sync,
+                                       self.params.pipeline.inputs.num_cameras)
         self.mailbox = Mailbox(self.params.worker_queue_size if self.params.process_every_pair
                                else 1)
         self.diagnostics = NodeDiagnostics()
+        # The newest good camera_info of the primary camera, and of each further one.
         self._camera_info = None
+        self._extra_camera_infos = [None] * (self.params.pipeline.inputs.num_cameras - 1)
         self.tf_calibration = self._make_tf()
         self._shell_services = [self.create_service(Trigger, '~/reset', self._on_reset),
                                 self.create_service(Trigger, '~/save_state',
@@ -122,10 +125,16 @@ class AdaptationShell:
         image_type = Image if inputs.raw_image else CompressedImage
         qos = input_qos(inputs.reliable, inputs.depth)
         self._subscriptions_io = [
-            self.create_subscription(image_type, '~/input/image', self._on_image, qos),
-            self.create_subscription(CameraInfo, '~/input/camera_info', self._on_camera_info,
-                                     qos),
             self.create_subscription(PointCloud2, '~/input/points', self._on_points, qos)]
+        for camera, name in enumerate(inputs.cameras):
+            # One camera: ~/input/image as always; named cameras: ~/input/<name>/image.
+            prefix = f'~/input/{name}/' if name else '~/input/'
+            self._subscriptions_io += [
+                self.create_subscription(image_type, prefix + 'image',
+                                         lambda msg, k=camera: self._on_image(msg, k), qos),
+                self.create_subscription(CameraInfo, prefix + 'camera_info',
+                                         lambda msg, k=camera: self._on_camera_info(msg, k),
+                                         qos)]
         reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
         self.cloud_pub = self.create_publisher(PointCloud2, '~/output/labeled_points', reliable)
         self.overlay_pub = self.create_publisher(Image, '~/output/overlay', reliable)
@@ -196,10 +205,11 @@ class AdaptationShell:
                             period_fraction=sync.period_fraction)
         output = output_params(current_values(self))
         self.pipeline.set_output(include_out_of_view=output.include_out_of_view,
-                                 publish_overlay=output.publish_overlay)
+                                 publish_overlay=output.publish_overlay,
+                                 label_unseen_3d=output.label_unseen_3d)
 
     # --- callbacks (small: count, hand over, return) -------------------------------------
-    def _on_camera_info(self, msg: CameraInfo) -> None:
+    def _on_camera_info(self, msg: CameraInfo, camera: int = 0) -> None:
         self.diagnostics.received('camera_info')
         try:
             camera_info_to_intrinsics(msg, max_pixels=self.params.max_image_pixels)
@@ -208,12 +218,16 @@ class AdaptationShell:
             self.get_logger().warning(f'rejected camera_info: {error}',
                                       throttle_duration_sec=THROTTLE_S)
             return
-        self._camera_info = msg
+        if camera:
+            self._extra_camera_infos[camera - 1] = msg
+        else:
+            self._camera_info = msg
         self.diagnostics.count('camera_info_accepted')
 
-    def _on_image(self, msg) -> None:
+    def _on_image(self, msg, camera: int = 0) -> None:
         self.diagnostics.received('image')
-        self._add(IMAGE, msg)
+        # The pairing's inputs: the primary image 0, the sweep 1, further cameras 2, 3, ...
+        self._add(IMAGE if camera == 0 else POINTS + camera, msg)
 
     def _on_points(self, msg: PointCloud2) -> None:
         self.diagnostics.received('points')
@@ -269,12 +283,13 @@ class AdaptationShell:
             self.diagnostics.pair_taken()
             pair, complete_at = item
             image_msg, cloud_msg = pair.messages[IMAGE], pair.messages[POINTS]
+            extra_msgs = list(pair.messages[POINTS + 1:])
             if not self._stamp_acceptable(cloud_msg):
                 self.diagnostics.pair_done('rejected_stamp_skew')
                 continue
             try:
                 started = time.perf_counter()
-                frame = self._decode(image_msg, cloud_msg)
+                frame = self._decode(image_msg, cloud_msg, extra_msgs)
                 decoded = time.perf_counter()
                 output = (self.pipeline.predict(frame) if self.split
                           else self.pipeline.process(frame))
@@ -318,10 +333,17 @@ class AdaptationShell:
                     self.adapt_box.put(frame)
                 self._labeled += 1
 
-    def _decode(self, image_msg, cloud_msg):
-        """Return the pair as a Frame, with its transforms from TF where there is TF."""
+    def _decode(self, image_msg, cloud_msg, extra_msgs=()):
+        """Return the set as a Frame, with its transforms from TF where there is TF."""
+        cameras = {}
+        if extra_msgs:
+            cameras = dict(
+                extra_cameras=[self._decode_view(k, msg, info, cloud_msg) for k, (msg, info)
+                               in enumerate(zip(extra_msgs, self._extra_camera_infos), 1)],
+                camera_name=self.params.pipeline.inputs.cameras[0])
         if self.tf_calibration is None:
-            return self.pipeline.frame_from_messages(image_msg, self._camera_info, cloud_msg)
+            return self.pipeline.frame_from_messages(image_msg, self._camera_info, cloud_msg,
+                                                     **cameras)
         calibration = self.tf_calibration.lookup(
             str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
             stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
@@ -335,7 +357,36 @@ class AdaptationShell:
             image_msg, self._camera_info, cloud_msg,
             T_cam_from_lidar=calibration.T_cam_from_lidar,
             T_odom_from_lidar=calibration.T_odom_from_lidar,
-            T_odom_from_cam=calibration.T_odom_from_cam)
+            T_odom_from_cam=calibration.T_odom_from_cam, **cameras)
+
+    def _decode_view(self, camera: int, image_msg, info_msg, cloud_msg):
+        """Return further camera `camera`'s image of the set as a CameraView."""
+        inputs = self.params.pipeline.inputs
+        name = inputs.cameras[camera]
+        # calibration.T_cam_from_lidar is the primary camera's: never another's mount.
+        fallback = (inputs.extra_T_cam_from_lidar[camera - 1]
+                    if inputs.extra_T_cam_from_lidar else None)
+        T_cam_from_lidar, T_odom_from_cam = fallback, None
+        if self.tf_calibration is not None:
+            try:
+                calibration = self.tf_calibration.lookup(
+                    str(image_msg.header.frame_id), str(cloud_msg.header.frame_id),
+                    stamp_to_ns(image_msg.header.stamp), stamp_to_ns(cloud_msg.header.stamp))
+            except NoTransformError:
+                if fallback is None:
+                    raise
+            else:
+                T_odom_from_cam = calibration.T_odom_from_cam
+                if calibration.extrinsics_from != 'parameter':
+                    T_cam_from_lidar = calibration.T_cam_from_lidar
+        if T_cam_from_lidar is None:
+            raise NoTransformError(
+                f'camera {name}: no transform {image_msg.header.frame_id} <- '
+                f'{cloud_msg.header.frame_id} in TF and calibration.extra_T_cam_from_lidar '
+                'is not set')
+        return self.pipeline.camera_view_from_messages(
+            name, image_msg, info_msg, T_cam_from_lidar=T_cam_from_lidar,
+            T_odom_from_cam=T_odom_from_cam)
 
     def _adapt_loop(self) -> None:
         """worker.split: adapt on the newest labeled frame handed over, at the adapter's pace."""

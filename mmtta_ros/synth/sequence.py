@@ -4,7 +4,9 @@ Sequences: a drive through a generated street, as raw sensor streams or as paire
 The LiDAR sweeps at 20 Hz and the camera shoots at 12 Hz on its own clock. A Frame pairs a
 sweep with the image nearest in time; the image is rendered at its own stamp and pose, so the
 static calibration `T_cam_from_lidar` leaves a small ego-motion misalignment, as on a real car
-(a Frame carries both true poses, which compensate it).
+(a Frame carries both true poses, which compensate it). More cameras
+(`SequenceConfig.extra_cameras`, named as nuScenes' six) shoot on the same clock, each from
+its own mount, and become the Frame's extra CameraViews.
 Every sample draws its noise from a random stream keyed by (seed, domain, sensor, index), so a
 sample is the same whichever way, and in whatever order, it is generated.
 """
@@ -17,7 +19,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from mmtta_ros.core.classes import CLASS_PALETTE
-from mmtta_ros.core.frame import Frame
+from mmtta_ros.core.frame import CameraView, Frame
 from mmtta_ros.synth.camera import CameraModel, render
 from mmtta_ros.synth.domains import get_domain, sample_lidar, sample_lighting
 from mmtta_ros.synth.scene import build_scene, pose_matrix
@@ -35,6 +37,34 @@ T_EGO_FROM_CAM = np.eye(4)
 T_EGO_FROM_CAM[:3, :3] = R_EGO_FROM_OPTICAL
 T_EGO_FROM_CAM[:3, 3] = (1.70, 0.016, 1.51)
 T_CAM_FROM_LIDAR = np.linalg.inv(T_EGO_FROM_CAM) @ T_EGO_FROM_LIDAR
+# The primary camera (the Frame's own image, T_EGO_FROM_CAM) is CAM_FRONT.
+PRIMARY_CAMERA = 'CAM_FRONT'
+# Further cameras: yaw of the optical axis from the car's x axis (degrees, left positive)
+# and mount position (x, y, z), metres, after nuScenes' rig.
+CAMERA_MOUNTS = {
+    'CAM_FRONT_LEFT': (55.0, (1.52, 0.49, 1.51)),
+    'CAM_FRONT_RIGHT': (-55.0, (1.55, -0.49, 1.52)),
+    'CAM_BACK': (180.0, (0.03, 0.0, 1.58)),
+    'CAM_BACK_LEFT': (110.0, (1.04, 0.48, 1.56)),
+    'CAM_BACK_RIGHT': (-110.0, (1.03, -0.48, 1.57)),
+}
+
+
+def ego_from_camera(name: str) -> np.ndarray:
+    """T_ego_from_cam <np.float64: 4, 4> (optical frame) of camera `name` (CAMERA_MOUNTS)."""
+    if name == PRIMARY_CAMERA:
+        return T_EGO_FROM_CAM.copy()
+    if name not in CAMERA_MOUNTS:
+        raise ValueError(f'unknown camera {name!r}; the generator has {PRIMARY_CAMERA} and '
+                         f"{', '.join(CAMERA_MOUNTS)}")
+    yaw_deg, position = CAMERA_MOUNTS[name]
+    yaw = np.deg2rad(yaw_deg)
+    R_yaw = np.array([[np.cos(yaw), -np.sin(yaw), 0.0], [np.sin(yaw), np.cos(yaw), 0.0],
+                      [0.0, 0.0, 1.0]])
+    T = np.eye(4)
+    T[:3, :3] = R_yaw @ R_EGO_FROM_OPTICAL
+    T[:3, 3] = position
+    return T
 
 
 @dataclass
@@ -48,6 +78,8 @@ class SequenceConfig:
     image_size:          (width, height) of the camera images in pixels
     frame_stride:        keep every k-th LiDAR sweep as a Frame (10: 2 Hz keyframes)
     lidar_azimuth_steps: firings per revolution; None for the domain's LiDAR (1085)
+    extra_cameras:       cameras besides CAM_FRONT (names of CAMERA_MOUNTS), rendered at
+                         the same stamps; empty (the default) generates what it always did
     """
 
     domain: str = 'day'
@@ -56,6 +88,7 @@ class SequenceConfig:
     image_size: Tuple[int, int] = (400, 225)
     frame_stride: int = 1
     lidar_azimuth_steps: Optional[int] = None
+    extra_cameras: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -89,6 +122,7 @@ class CameraImage:
     depth:            <np.float32: H, W> distance along each pixel's ray, metres, inf for sky
     K:                <np.float64: 3, 3> intrinsics
     T_world_from_cam: <np.float64: 4, 4> pose of the camera (optical frame) at `stamp_ns`
+    camera:           which camera: 0 the primary (CAM_FRONT), k extra_cameras[k - 1]
     """
 
     stamp_ns: int
@@ -98,6 +132,7 @@ class CameraImage:
     depth: np.ndarray
     K: np.ndarray
     T_world_from_cam: np.ndarray
+    camera: int = 0
 
 
 SensorSample = Union[LidarSweep, CameraImage]
@@ -127,6 +162,12 @@ class SyntheticSequence:
         self.camera = CameraModel(width=width, height=height)
         self.K = self.camera.K
         self.T_cam_from_lidar = T_CAM_FROM_LIDAR.copy()
+        names = tuple(str(name) for name in config.extra_cameras)
+        if PRIMARY_CAMERA in names or len(set(names)) != len(names):
+            raise ValueError(f'extra_cameras must be distinct and exclude {PRIMARY_CAMERA}, '
+                             f'got {list(names)}')
+        self.camera_names = (PRIMARY_CAMERA,) + names
+        self.T_ego_from_cams = [ego_from_camera(name) for name in self.camera_names]
         self.stamp0_ns = BASE_STAMP_NS + int(config.seed) * 600_000_000_000
         # The camera's clock runs on its own phase relative to the LiDAR's.
         self.camera_phase_ns = int(self._rng(14).integers(0, 1_000_000_000 // CAMERA_RATE_HZ))
@@ -160,9 +201,15 @@ class SyntheticSequence:
         """T_world_from_lidar <np.float64: 4, 4> of sweep `index`, without ray casting it."""
         return self.ego_pose(self.lidar_stamp(index)) @ T_EGO_FROM_LIDAR
 
-    def camera_pose(self, stamp_ns: int) -> np.ndarray:
+    def camera_pose(self, stamp_ns: int, camera: int = 0) -> np.ndarray:
         """T_world_from_cam <np.float64: 4, 4> (optical frame) at `stamp_ns`, without rendering."""
-        return self.ego_pose(stamp_ns) @ T_EGO_FROM_CAM
+        return self.ego_pose(stamp_ns) @ self.T_ego_from_cams[camera]
+
+    def camera_from_lidar(self, camera: int = 0) -> np.ndarray:
+        """T_cam_from_lidar <np.float64: 4, 4> of camera `camera` (static mounts)."""
+        if camera == 0:
+            return self.T_cam_from_lidar.copy()
+        return np.linalg.inv(self.T_ego_from_cams[camera]) @ T_EGO_FROM_LIDAR
 
     def lidar_sweep(self, index: int) -> LidarSweep:
         """Sweep `index` (0 at the sequence start)."""
@@ -175,32 +222,44 @@ class SyntheticSequence:
                           intensity=scan.intensity, ring=scan.ring, labels=scan.labels,
                           T_world_from_lidar=T_world_from_lidar)
 
-    def camera_image(self, index: int) -> CameraImage:
+    def camera_image(self, index: int, camera: int = 0) -> CameraImage:
         """Image `index` of the camera clock, rendered at its own stamp and pose."""
-        return self.render_camera_at(self.camera_stamp(index), index)
+        return self.render_camera_at(self.camera_stamp(index), index, camera)
 
-    def render_camera_at(self, stamp_ns: int, index: int = -1) -> CameraImage:
-        """Render the camera at any stamp (noise keyed by `index`)."""
+    def render_camera_at(self, stamp_ns: int, index: int = -1, camera: int = 0) -> CameraImage:
+        """Render camera `camera` (0: the primary) at any stamp (noise keyed by `index`)."""
         time_s = self._time_s(stamp_ns)
         T_world_from_ego = self.scene.ego_pose(time_s)
-        # Offset keeps the stream key non-negative for images before the first sweep.
-        rendering = render(self.scene, time_s, T_world_from_ego, T_EGO_FROM_CAM, self.camera,
-                           self.lighting, self._rng(11, index + 1_000_000))
+        # Offset keeps the stream key non-negative for images before the first sweep; an
+        # extra camera adds its number to the key (the primary's stays as it always was).
+        keys = (11, index + 1_000_000) + ((camera,) if camera else ())
+        rendering = render(self.scene, time_s, T_world_from_ego, self.T_ego_from_cams[camera],
+                           self.camera, self.lighting, self._rng(*keys))
         return CameraImage(stamp_ns=stamp_ns, index=index, image=rendering.image,
                            labels=rendering.labels, depth=rendering.depth, K=self.K.copy(),
-                           T_world_from_cam=self.camera_pose(stamp_ns))
+                           T_world_from_cam=self.camera_pose(stamp_ns, camera), camera=camera)
 
     def frame(self, number: int) -> Frame:
         """Frame `number`: sweep number * frame_stride and the image nearest to it."""
         sweep = self.lidar_sweep(number * self.config.frame_stride)
-        image = self.camera_image(self.nearest_camera_index(sweep.stamp_ns))
+        image_index = self.nearest_camera_index(sweep.stamp_ns)
+        image = self.camera_image(image_index)
+        extra = []
+        for camera in range(1, len(self.camera_names)):
+            view = self.camera_image(image_index, camera)
+            extra.append(CameraView(
+                name=self.camera_names[camera], image=view.image, K=view.K,
+                T_cam_from_lidar=self.camera_from_lidar(camera), stamp_image_ns=view.stamp_ns,
+                T_odom_from_cam=view.T_world_from_cam.copy()))
         return Frame(image=image.image, points_lidar=sweep.points_lidar, K=self.K.copy(),
                      T_cam_from_lidar=self.T_cam_from_lidar.copy(),
                      stamp_lidar_ns=sweep.stamp_ns, stamp_image_ns=image.stamp_ns,
                      intensity=sweep.intensity, labels=sweep.labels, lidar_frame_id='lidar',
                      sequence=self.name, index=number,
                      T_odom_from_lidar=sweep.T_world_from_lidar.copy(),
-                     T_odom_from_cam=image.T_world_from_cam.copy())
+                     T_odom_from_cam=image.T_world_from_cam.copy(),
+                     extra_cameras=tuple(extra),
+                     camera_name=PRIMARY_CAMERA if extra else '')
 
     def frame_pose(self, number: int) -> np.ndarray:
         """T_odom_from_lidar <np.float64: 4, 4> of Frame `number`, without rendering it."""
@@ -227,16 +286,23 @@ def generate_frames(config: SequenceConfig) -> Iterator[Frame]:
 
 def generate_streams(config: SequenceConfig) -> Iterator[SensorSample]:
     """
-    Every sweep (20 Hz) and image (12 Hz) of the sequence, ordered by stamp.
+    Every sweep (20 Hz) and image (12 Hz, each camera) of the sequence, ordered by stamp.
 
     The sweeps are those the Frames come from (all of them, not only every frame_stride-th);
-    the images cover the same time span.
+    the images cover the same time span; the cameras of one stamp come primary first.
     """
     sequence = SyntheticSequence(config)
-    events = [(sequence.lidar_stamp(i), 0, i) for i in range(sequence.num_sweeps)]
-    events += [(sequence.camera_stamp(j), 1, j) for j in sequence.camera_indices()]
-    for _, is_camera, index in sorted(events):
-        yield sequence.camera_image(index) if is_camera else sequence.lidar_sweep(index)
+    for _, is_camera, index, camera in stream_events(sequence):
+        yield (sequence.camera_image(index, camera) if is_camera
+               else sequence.lidar_sweep(index))
+
+
+def stream_events(sequence: SyntheticSequence) -> List[Tuple[int, bool, int, int]]:
+    """Return (stamp_ns, is_camera, index, camera) of every sample of a sequence, in order."""
+    events = [(sequence.lidar_stamp(i), False, i, 0) for i in range(sequence.num_sweeps)]
+    events += [(sequence.camera_stamp(j), True, j, camera) for j in sequence.camera_indices()
+               for camera in range(len(sequence.camera_names))]
+    return sorted(events)
 
 
 def project_points(points_lidar: np.ndarray, K: np.ndarray, T_cam_from_lidar: np.ndarray,

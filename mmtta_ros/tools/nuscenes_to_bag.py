@@ -3,7 +3,8 @@
 import argparse
 import sys
 
-from mmtta_ros.bags.nuscenes_convert import convert, DEFAULT_VERSION, SceneConversion, SPLITS
+from mmtta_ros.bags.nuscenes_convert import (
+    ALL_CAMERAS, CAMERA_CHANNEL, convert, DEFAULT_VERSION, SceneConversion, SPLITS)
 from mmtta_ros.bags.writer import STORAGES
 
 
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--storage', default='mcap', choices=sorted(STORAGES))
     parser.add_argument('--keyframes-only', action='store_true',
                         help='2 Hz keyframes only (default: every 20 Hz sweep, 12 Hz image)')
+    parser.add_argument('--cameras', default=CAMERA_CHANNEL,
+                        help="camera channels to write, comma separated, the primary first, "
+                        f"or 'all' ({', '.join(ALL_CAMERAS)}); default: {CAMERA_CHANNEL}")
     parser.add_argument('--no-tf', action='store_true',
                         help='leave out odom -> base_link on /tf (ego poses)')
     return parser
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     try:
         convert(args.dataroot, args.output_dir, version=args.version, scene_names=args.scenes,
                 split=args.split, storage=args.storage, keyframes_only=args.keyframes_only,
-                with_tf=not args.no_tf, progress=_report)
+                with_tf=not args.no_tf, cameras=args.cameras, progress=_report)
     except (ImportError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
