@@ -21,11 +21,12 @@ def test_adapt_yaml_declares_every_parameter_with_a_valid_value():
     assert set(values) == set(SPECS)
     merged, problems = check_values(values)
     assert problems == []
-    assert merged['adaptation.method'] == 'mmtta'
+    assert merged['adaptation.method'] == 'bn_stats'
     assert set(flatten(yaml_parameters())) == set(SPECS)
     # The YAML's values are the generated defaults (the constructors' own), but for the
     # node's defaults chosen on the suite's validation shift (commented in the YAML).
-    chosen = {'adaptation.mmtta.momentum': 0.9, 'adaptation.fallback': True,
+    chosen = {'adaptation.method': 'bn_stats', 'adaptation.mmtta.momentum': 0.9,
+              'adaptation.fallback': True,
               'adaptation.source_branch': '3d', 'adaptation.calibrate': True,
               'output.fusion': 'product'}
     for name, value in values.items():

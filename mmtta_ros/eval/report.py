@@ -181,7 +181,8 @@ _ROW_ORDER = {name: index for index, name in enumerate((
     'bn_stats_ema_fallback', 'tent_ens', 'xmuda_pl', 'mmtta_paper', 'mmtta_0.9',
     'mmtta_0.9_fallback', 'mmtta_0.9_stats_only', 'mmtta_0.9_lr_x100', 'mmtta_0.9_lr2d_x100',
     'latte', 'cbst', 'proda', 'mic', 'ftd', 'bn_stats_source_3d', 'mmtta_0.9_source_3d',
-    'cbst_source_3d', 'source_product', 'default_uncalibrated', 'default_mean_fusion',
+    'cbst_source_3d', 'source_product', 'mmtta_0.9_product', 'mmtta_0.9_calibrated_mean',
+    'mmtta_0.9_calibrated', 'tent_ens_calibrated', 'bn_stats_calibrated',
     'default', 'default_realtime', 'labor_3', 'labor_10', 'labor_40',
     'labor_100', 'random_3', 'random_10', 'random_40', 'random_100', 'uda_xmuda',
     'uda_adaptsegnet', 'uda_dann', 'oracle'))}

@@ -18,6 +18,7 @@ import sys
 import time
 
 from mmtta_ros.bags.topics import BagTopics
+from mmtta_ros.core.params import default_params_file, read_params_file
 from mmtta_ros.eval.live_demo import (
     ensure_demo_bag, ensure_source_model, format_live_table, log, run_live,
     score_labeled_bag)
@@ -34,7 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument('--duration', type=float, default=20.0, help='bag length, seconds')
     parser.add_argument('--rate', type=float, default=1.0, help='replay speed')
     parser.add_argument('--train-steps', type=int, default=300)
-    parser.add_argument('--methods', nargs='+', default=['source', 'mmtta'])
+    parser.add_argument('--methods', nargs='+', default=None,
+                        help='adaptation methods to run, one node each (default: source and '
+                             'the node\'s own method from config/adapt.yaml)')
     parser.add_argument('--momentum', type=float, default=None,
                         help='MM-TTA slow-model momentum (default: config/adapt.yaml)')
     parser.add_argument('--latest-only', action='store_true',
@@ -44,6 +47,9 @@ def main(argv=None) -> int:
                         help='leave Fast DDS its defaults (also MMTTA_DDS_PROFILE=0); default: '
                              'every process loads config/fastdds_large_data.xml')
     args = parser.parse_args(argv)
+    if args.methods is None:
+        # Source-only against the node's own configuration: what a user gets by default.
+        args.methods = ['source', read_params_file(default_params_file())['adaptation.method']]
 
     started = time.monotonic()
     data, out_dir = Path(args.data_dir), Path(args.out_dir)
