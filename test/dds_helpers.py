@@ -1,5 +1,6 @@
 """What the tests that start the node as a process share: bag, environment, command, teardown."""
 
+from contextlib import contextmanager
 import os
 from pathlib import Path
 import sys
@@ -58,3 +59,29 @@ def kill_left_over(processes) -> None:
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def listening(name: str):
+    """
+    Yield (listener node, its executor, processes) in a DDS context of its own.
+
+    On exit, however the test ends: the processes still running are killed (append each
+    one the test starts), then the executor, the node and the context are shut down.
+    """
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    listener = rclpy.create_node(name, context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(listener)
+    processes = []
+    try:
+        yield listener, executor, processes
+    finally:
+        kill_left_over(processes)
+        executor.shutdown()
+        listener.destroy_node()
+        rclpy.try_shutdown(context=context)

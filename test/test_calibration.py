@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,31 @@ def test_the_builder_puts_it_inside_the_source_branch_and_reset_is_exact():
         model=make_source_model()).method, SourceCalibration)
     with pytest.raises(ValueError, match='output.fusion'):
         node_params({'output.fusion': 'max'})
+
+
+def test_the_pipeline_publishes_the_fusion_it_is_given():
+    from mmtta_ros.core.batching import frames_to_input
+    from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
+    from mmtta_ros.synth import generate_frames, SequenceConfig
+
+    frame = next(iter(generate_frames(SequenceConfig(domain='night', seed=3, num_frames=1,
+                                                     image_size=(64, 36), frame_stride=2,
+                                                     lidar_azimuth_steps=300))))
+    outputs = {}
+    for fusion in ('mean', 'product'):
+        torch.manual_seed(0)
+        model = build_segmenter(SegmenterConfig(size='tiny'))
+        params = node_params({'adaptation.method': 'source', 'output.fusion': fusion,
+                              'calibration.ego_motion': False, 'device': 'cpu',
+                              'model.image_width': 64, 'model.image_height': 36})
+        outputs[fusion] = build_pipeline(params.pipeline, model=model).process(frame)
+    torch.manual_seed(0)
+    model = build_segmenter(SegmenterConfig(size='tiny')).eval()
+    with torch.no_grad():
+        expected = model(frames_to_input([frame], torch.device('cpu'))[0])
+    for fusion, output in outputs.items():
+        confidence, labels = fuse_2d3d(expected.logits_2d, expected.logits_3d, fusion).max(dim=1)
+        assert (output.prediction == labels.numpy()).all()
+        np.testing.assert_allclose(output.confidence, confidence.numpy(), rtol=1e-5, atol=1e-6)
+    # The same branches, another fusion: the published confidences differ.
+    assert not np.allclose(outputs['mean'].confidence, outputs['product'].confidence)

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 rclpy = pytest.importorskip('rclpy', reason='rclpy not installed')
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import PointCloud2  # noqa: E402
 
 from dds_helpers import (  # noqa: E402
-    INPUT_TOPICS, kill_left_over, node_command, process_env, small_night_bag, spin_until)
+    INPUT_TOPICS, listening, node_command, process_env, small_night_bag, spin_until)
 from mmtta_ros.bags.reader import read_clouds  # noqa: E402
 from mmtta_ros.sensors.pointcloud import cloud_to_numpy, UNLABELED  # noqa: E402
 from mmtta_ros.sensors.stamps import stamp_to_ns  # noqa: E402
@@ -31,18 +30,12 @@ def test_player_node_subscriber(bag, tmp_path):
     env = process_env()
     node_cmd = node_command('use_sim_time:=true', 'model.image_width:=160',
                             'model.image_height:=90', f'state.save_path:={tmp_path / "state.pt"}')
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    listener = rclpy.create_node('e2e_listener', context=context)
-    clouds = []
-    listener.create_subscription(
-        PointCloud2, '/mmtta_adapt/output/labeled_points', clouds.append,
-        QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(listener)
-    node_log = tmp_path / 'node.log'
-    processes = []
-    try:
+    with listening('e2e_listener') as (listener, executor, processes):
+        clouds = []
+        listener.create_subscription(
+            PointCloud2, '/mmtta_adapt/output/labeled_points', clouds.append,
+            QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
+        node_log = tmp_path / 'node.log'
         with open(node_log, 'w') as log:
             node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         processes.append(node)
@@ -58,11 +51,6 @@ def test_player_node_subscriber(bag, tmp_path):
         spin_until(executor, lambda: False, 3.0)  # the last pair in flight
         node.send_signal(signal.SIGINT)
         assert node.wait(timeout=30) == 0
-    finally:
-        kill_left_over(processes)
-        executor.shutdown()
-        listener.destroy_node()
-        rclpy.try_shutdown(context=context)
 
     text = node_log.read_text()
     assert 'Traceback' not in text, text

@@ -8,10 +8,9 @@ import pytest
 
 rclpy = pytest.importorskip('rclpy', reason='rclpy not installed')
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 
 from dds_helpers import (  # noqa: E402
-    INPUT_TOPICS, kill_left_over, node_command, process_env, small_night_bag, spin_until)
+    INPUT_TOPICS, listening, node_command, process_env, small_night_bag, spin_until)
 NS = '/mmtta_adapt'
 pytestmark = pytest.mark.e2e
 
@@ -29,24 +28,18 @@ def test_the_node_learns_from_a_simulated_annotator_process(tmp_path):
                             'inputs.reliable:=true', 'worker.process_every_pair:=true',
                             f'state.save_path:={state}')
     annotator_cmd = [sys.executable, '-m', 'mmtta_ros.tools.annotator', '--delay', '1']
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    listener = rclpy.create_node('e2e_labels_listener', context=context)
-    diagnostics = {}
+    with listening('e2e_labels_listener') as (listener, executor, processes):
+        diagnostics = {}
 
-    def on_diagnostics(msg):
-        for status in msg.status:
-            if status.name.startswith('mmtta_ros'):
-                diagnostics.update({kv.key: kv.value for kv in status.values})
-    listener.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(listener)
+        def on_diagnostics(msg):
+            for status in msg.status:
+                if status.name.startswith('mmtta_ros'):
+                    diagnostics.update({kv.key: kv.value for kv in status.values})
+        listener.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
 
-    def figure(name):
-        return int(diagnostics.get(name, 0))
-    node_log, annotator_log = tmp_path / 'node.log', tmp_path / 'annotator.log'
-    processes = []
-    try:
+        def figure(name):
+            return int(diagnostics.get(name, 0))
+        node_log, annotator_log = tmp_path / 'node.log', tmp_path / 'annotator.log'
         with open(node_log, 'w') as log:
             node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         processes.append(node)
@@ -73,11 +66,6 @@ def test_the_node_learns_from_a_simulated_annotator_process(tmp_path):
         for process in (annotator, node):
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=30) == 0
-    finally:
-        kill_left_over(processes)
-        executor.shutdown()
-        listener.destroy_node()
-        rclpy.try_shutdown(context=context)
 
     text = node_log.read_text()
     assert 'Traceback' not in text, text

@@ -8,11 +8,10 @@ import pytest
 
 rclpy = pytest.importorskip('rclpy', reason='rclpy not installed')
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data, ReliabilityPolicy  # noqa: E402
 
 from dds_helpers import (  # noqa: E402
-    INPUT_TOPICS, node_command, process_env, small_night_bag, spin_until)
+    INPUT_TOPICS, listening, node_command, process_env, small_night_bag, spin_until)
 from mmtta_ros.core.params import node_params  # noqa: E402
 from mmtta_ros.ros.shell import input_qos  # noqa: E402
 
@@ -36,23 +35,18 @@ def test_reliable_node_receives_every_message_of_a_reliable_player(tmp_path):
     node_cmd = node_command('device:=cpu', 'inputs.reliable:=true', 'inputs.depth:=100',
                             'model.image_width:=160', 'model.image_height:=90',
                             'diagnostics_period:=0.5', params_file=False)
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    listener = rclpy.create_node('qos_listener', context=context)
-    latest = {}
+    with listening('qos_listener') as (listener, executor, processes):
+        latest = {}
 
-    def on_diagnostics(msg):
-        for status in msg.status:
-            latest.update({kv.key: kv.value for kv in status.values})
-    listener.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(listener)
+        def on_diagnostics(msg):
+            for status in msg.status:
+                latest.update({kv.key: kv.value for kv in status.values})
+        listener.create_subscription(DiagnosticArray, '/diagnostics', on_diagnostics, 10)
 
-    node_log = tmp_path / 'node.log'
-    node = player = None
-    try:
+        node_log = tmp_path / 'node.log'
         with open(node_log, 'w') as log:
             node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(node)
         assert spin_until(executor, lambda: listener.count_subscribers('/LIDAR_TOP') > 0, 90.0), \
             node_log.read_text()
         # --wait-for, then --delay: the player's publishers have matched the node's
@@ -75,9 +69,3 @@ def test_reliable_node_receives_every_message_of_a_reliable_player(tmp_path):
             return {key: int(latest.get(key, -1)) for key in expected}
         assert spin_until(executor, lambda: received() == expected, 30.0), (
             received(), node_log.read_text()[-2000:])
-    finally:
-        if node is not None:
-            node.terminate()
-            node.wait(timeout=60)
-        listener.destroy_node()
-        rclpy.try_shutdown(context=context)
