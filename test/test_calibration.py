@@ -63,11 +63,31 @@ def test_it_publishes_the_methods_labels_at_the_sources_confidence():
                 float(mean_confidence(getattr(from_source, f'logits_{branch}'))), abs=1e-5)
         # It adapts as the method alone does.
         assert wrapped.stats['loss'] == pytest.approx(reference.stats['loss'])
-    predicted = wrapped.predict(target_stream(1, seed=9)[0])
+    # Predicting apart (the node's predictor) runs no source forward: a new frame is
+    # labeled at the confidences of the newest step's frame...
+    new_batch = target_stream(1, seed=9)[0]
+    predicted = wrapped.predict(new_batch)
+    assert torch.equal(predicted.logits_2d.argmax(dim=1),
+                       wrapped.method.predict(new_batch).logits_2d.argmax(dim=1))
+    for branch in ('2d', '3d'):
+        assert float(mean_confidence(getattr(predicted, f'logits_{branch}'))) == pytest.approx(
+            wrapped.stats[f'confidence_source_{branch}'], abs=1e-5)
+    # ...handed over with the prediction state to another copy; before any step (and after
+    # a reset), at the source's confidence on the frame itself.
+    predictor = SourceCalibration(build_method('mmtta', make_source_model(), **FAST_LRS),
+                                  make_source_model())
     with torch.no_grad():
-        source_2d = source(target_stream(1, seed=9)[0]).logits_2d
-    assert float(mean_confidence(predicted.logits_2d)) == pytest.approx(
+        source_2d = source(new_batch).logits_2d
+    assert float(mean_confidence(predictor.predict(new_batch).logits_2d)) == pytest.approx(
         float(mean_confidence(source_2d)), abs=1e-5)
+    predictor.load_prediction_state(wrapped.prediction_state())
+    torch.testing.assert_close(predictor.predict(new_batch).logits_2d, predicted.logits_2d)
+    wrapped.reset()
+    assert wrapped.targets is None
+    assert float(mean_confidence(wrapped.predict(new_batch).logits_2d)) == pytest.approx(
+        float(mean_confidence(source_2d)), abs=1e-5)
+    predictor.load_prediction_state(wrapped.prediction_state())
+    assert predictor.targets is None
     with pytest.raises(ValueError, match='branches'):
         SourceCalibration(reference, source, branches=('4d',))
 

@@ -108,7 +108,8 @@ def test_the_node_over_dds_labels_what_the_offline_scorer_labels(
     T = [repr(float(v)) for v in T_CAM_FROM_LIDAR.reshape(-1)]
     assert evaluate.main(['--checkpoint', str(checkpoint), '--bag', str(bag), '--method', method,
                           '--image-size', '160', '90', '--device', 'cpu', '--threads', '1',
-                          '--extrinsics', *T, '--output-bag', str(offline_bag)]) == 0
+                          '--extrinsics', *T, '--output-bag', str(offline_bag),
+                          '--set', 'worker.split=false']) == 0
     offline = {stamp: cloud for stamp, _, cloud in read_clouds(offline_bag)}
 
     # The same pairs: every pair offline was labeled live, in order, but for the last one,

@@ -185,7 +185,8 @@ def test_labeled_clouds_overlay_and_diagnostics(harness, frames):
     values = latest_diagnostics()
     assert float(values['latency_ms']) > 0 and float(values['points_rate_hz']) > 0
     assert int(values['rejected_frames']) == 0 and int(values['adaptation_steps']) >= 1
-    for stage in ('decode_ms', 'label_ms', 'publish_ms', 'adapt_ms'):
+    for stage in ('decode_ms', 'label_ms', 'project_ms', 'model_ms', 'encode_ms', 'publish_ms',
+                  'adapt_ms'):
         assert float(values[stage]) > 0, stage
 
 

@@ -1,5 +1,7 @@
 """Predict and adapt apart: the predictor copy, the hand-over, reset and save."""
 
+import os
+import sys
 import threading
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 from mmtta_ros.core.builder import build_pipeline
 from mmtta_ros.core.params import node_params
-from mmtta_ros.core.realtime import SplitPipeline
+from mmtta_ros.core.realtime import lower_thread_priority, SplitPipeline
 from mmtta_ros.models.segmenter import build_segmenter, SegmenterConfig
 from mmtta_ros.synth import generate_frames, SequenceConfig
 
@@ -22,20 +24,18 @@ def frames():
 def _pipeline(method='mmtta', **values):
     torch.manual_seed(0)
     model = build_segmenter(SegmenterConfig(size='tiny'))
+    # Large steps, so every update visibly moves the prediction (bn_stats takes none).
+    steps = {} if method == 'bn_stats' else {f'adaptation.{method}.lr_2d': 1e-2,
+                                             f'adaptation.{method}.lr_3d': 1e-2}
     params = node_params({'adaptation.method': method, 'device': 'cpu',
                           'model.image_width': 64, 'model.image_height': 36,
-                          # Large steps, so every update visibly moves the prediction.
-                          f'adaptation.{method}.lr_2d': 1e-2, f'adaptation.{method}.lr_3d': 1e-2,
-                          **values})
+                          **steps, **values})
     return build_pipeline(params.pipeline, model=model)
 
 
 @pytest.mark.parametrize('method,values', [
     ('mmtta', {'adaptation.mmtta.momentum': 0.5}), ('tent_ens', {}),
-    ('mmtta', {'adaptation.fallback': True}),
-    # The node's default composition: fallback, calibration, source 3D, product fusion.
-    ('mmtta', {'adaptation.fallback': True, 'adaptation.calibrate': True,
-               'adaptation.source_branch': '3d', 'output.fusion': 'product'})])
+    ('mmtta', {'adaptation.fallback': True})])
 def test_when_the_adapter_keeps_up_the_labels_are_the_papers_protocol(frames, method, values):
     reference = _pipeline(method, **values)
     split = SplitPipeline(_pipeline(method, **values))
@@ -50,9 +50,51 @@ def test_when_the_adapter_keeps_up_the_labels_are_the_papers_protocol(frames, me
     assert split.published == split.loaded + 1 == len(frames)
 
 
+# The node's default composition: fallback, calibration, source 3D, product fusion.
+CALIBRATED = {'adaptation.fallback': True, 'adaptation.calibrate': True,
+              'adaptation.source_branch': '3d', 'output.fusion': 'product'}
+
+
+@pytest.mark.parametrize('method', ['mmtta', 'bn_stats'])
+def test_with_calibration_the_split_labels_as_one_copy_predicting_then_adapting(frames,
+                                                                                method):
+    # The predictor calibrates with the adapter's newest targets (the previous frame's
+    # source confidence), not the frame's own: the paper's protocol per branch, and the
+    # handed-over state exactly what the adapter itself would predict with.
+    paper = _pipeline(method, **CALIBRATED)
+    one_copy = _pipeline(method, **CALIBRATED)
+    split = SplitPipeline(_pipeline(method, **CALIBRATED))
+    for index, frame in enumerate(frames):
+        expected = paper.process(frame)
+        own = one_copy.predict(frame)
+        one_copy.process(frame)
+        labeled = split.predict(frame)
+        split.adapt(frame)
+        assert (labeled.prediction == own.prediction).all()
+        torch.testing.assert_close(torch.from_numpy(labeled.confidence),
+                                   torch.from_numpy(own.confidence))
+        # The calibration never changes a branch's labels.
+        assert (labeled.prediction_2d == expected.prediction_2d).all()
+        assert (labeled.prediction_3d == expected.prediction_3d).all()
+        if index == 0:  # no step yet: calibrated on the frame itself, as the paper's
+            torch.testing.assert_close(torch.from_numpy(labeled.confidence),
+                                       torch.from_numpy(expected.confidence))
+    split.predict(frames[0])  # loads the last hand-over
+    assert split.predictor.method.method.targets == split.adapter.method.method.targets
+    assert split.adapter.method.method.targets is not None
+    split.reset()
+    assert split.predictor.method.method.targets is None
+
+
 @pytest.mark.slow
-def test_the_predictor_never_sees_half_a_state(frames):
-    split = SplitPipeline(_pipeline('mmtta', **{'adaptation.mmtta.momentum': 0.5}))
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN where the other is NaN (a state not yet stepped holds NaN)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize('values', [{}, CALIBRATED])
+def test_the_predictor_never_sees_half_a_state(frames, values):
+    split = SplitPipeline(_pipeline('mmtta', **{'adaptation.mmtta.momentum': 0.5}, **values))
     published = [split.predictor.method.prediction_state()]
     original_publish = split._publish
 
@@ -73,15 +115,16 @@ def test_the_predictor_never_sees_half_a_state(frames):
     while not done.is_set() or checks < 3:
         split.predict(frames[0])
         state = split.predictor.method.prediction_state()
-        assert any(all(torch.equal(state[k], candidate[k]) for k in state)
+        assert any(all(_same(state[k], candidate[k]) for k in state)
                    for candidate in list(published)), 'a torn or unknown state was used'
         checks += 1
     thread.join()
     assert split.loaded >= 1 and split.published == 2 * len(frames)
 
 
-def test_reset_and_save_stay_exact(frames, tmp_path):
-    split = SplitPipeline(_pipeline('mmtta'))
+@pytest.mark.parametrize('values', [{}, CALIBRATED])
+def test_reset_and_save_stay_exact(frames, tmp_path, values):
+    split = SplitPipeline(_pipeline('mmtta', **values))
     source = {k: v.clone() for k, v in split.adapter.method.model.state_dict().items()}
     for frame in frames[:3]:
         split.adapt(frame)
@@ -90,9 +133,11 @@ def test_reset_and_save_stay_exact(frames, tmp_path):
     adapted = split.predict(frames[3]).confidence
     split.reset()
     for method in (split.adapter.method, split.predictor.method):
+        while hasattr(method, 'method'):  # the wrapped MM-TTA inside the reusable parts
+            method = method.method
         for key, value in method.slow_model.state_dict().items():
             assert torch.equal(value, source[key]), key
-    fresh = _pipeline('mmtta').predict(frames[3]).confidence
+    fresh = _pipeline('mmtta', **values).predict(frames[3]).confidence
     assert (split.predict(frames[3]).confidence == fresh).all()
     split.load_state(tmp_path / 'state.pt')
     assert (split.predict(frames[3]).confidence == adapted).all()
@@ -112,3 +157,49 @@ def test_bf16_autocast_stays_close_to_fp32_and_outputs_float32(frames):
         assert got.stats['updated'] == expected.stats['updated']
     with pytest.raises(ValueError, match='model.precision'):
         node_params({'model.precision': 'fp16'})
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='per-thread niceness is Linux')
+def test_the_adapter_thread_can_run_behind_the_others():
+    main_before = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def adapter():
+        thread = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, thread)
+        seen['problem'] = lower_thread_priority(5)
+        seen['change'] = os.getpriority(os.PRIO_PROCESS, thread) - before
+        seen['unchanged'] = lower_thread_priority(0)
+    worker = threading.Thread(target=adapter)
+    worker.start()
+    worker.join()
+    assert seen['problem'] is None and seen['unchanged'] is None
+    assert seen['change'] == min(5, 19 - main_before)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == main_before  # only that thread
+
+
+def test_the_scorers_run_the_nodes_protocol(frames):
+    from mmtta_ros.core.realtime import node_protocol, NodeProtocol
+
+    def params(**values):
+        return node_params({'adaptation.method': 'bn_stats', 'device': 'cpu', **values})
+    plain = _pipeline('bn_stats')
+    # Split labels as the paper's protocol unless calibrated or skipping frames: one run.
+    assert node_protocol(plain, params()) is plain
+    assert node_protocol(plain, params(**{'worker.split': False, **CALIBRATED})) is plain
+    assert node_protocol(plain, node_params({'adaptation.method': 'source', 'device': 'cpu',
+                                             'adaptation.calibrate': True})) is plain
+    every_other = node_protocol(_pipeline('bn_stats'), params(**{'worker.adapt_every': 2}))
+    assert isinstance(every_other, NodeProtocol)
+    calibrated = node_protocol(_pipeline('bn_stats', **CALIBRATED), params(**CALIBRATED))
+    by_hand = SplitPipeline(_pipeline('bn_stats', **CALIBRATED))
+    for frame in frames:
+        expected = by_hand.predict(frame)
+        by_hand.adapt(frame)
+        got = calibrated.process(frame)
+        assert (got.prediction == expected.prediction).all() and got.stats
+        every_other.process(frame)
+    assert calibrated.split.published == len(frames)
+    assert every_other.split.published == (len(frames) + 1) // 2
+    calibrated.reset()
+    assert calibrated.split.predictor.method.method.targets is None

@@ -74,6 +74,9 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec('worker.adapt_every', 1, 'with worker.split: hand every N-th labeled frame to '
               'the adapter (it adapts on the newest it was handed when it is free)', 1, 1000,
               read_only=True),
+    ParamSpec('worker.adapter_nice', 10, 'with worker.split: the adapter thread\'s OS '
+              'niceness increment (Linux), so labeling comes first on a busy CPU (0: equal)',
+              0, 19, read_only=True),
     ParamSpec('worker.queue_size', 1000, 'pairs held for process_every_pair; beyond it the '
               'oldest are dropped and counted', 1, 100000, read_only=True),
     ParamSpec('max_image_pixels', MAX_IMAGE_PIXELS, 'a camera_info larger than this many '
@@ -440,6 +443,7 @@ class NodeParams:
     process_every_pair: bool = False
     split: bool = True
     adapt_every: int = 1
+    adapter_nice: int = 10
     worker_queue_size: int = 1000
     max_stamp_skew_s: float = 0.0
     max_image_pixels: int = MAX_IMAGE_PIXELS
@@ -524,6 +528,7 @@ def node_params(values: Mapping[str, Any]) -> NodeParams:
                           load_on_start=v['state.load_on_start']),
         process_every_pair=v['worker.process_every_pair'],
         split=v['worker.split'], adapt_every=v['worker.adapt_every'],
+        adapter_nice=v['worker.adapter_nice'],
         worker_queue_size=v['worker.queue_size'],
         max_stamp_skew_s=v['max_stamp_skew'],
         max_image_pixels=v['max_image_pixels'],

@@ -9,10 +9,10 @@ is scored offline is what the node publishes.
 
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 import threading
 import time
-from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ class FrameOutput:
     cloud:          the labeled cloud to publish (LiDAR frame, the sweep's stamp)
     overlay:        <np.uint8: H, W, 3> the image with labeled points, or None
     step_seconds:   time of the step (projection, model, adaptation), without packing
+    stage_seconds:  that time and the packing by stage: project (LiDAR -> image), model
+                    (the method's forward, and its update in a step, and the fusion),
+                    encode (the labeled cloud and the overlay)
     features:       <np.float32: M, F> per in-view point (2D and 3D features, each of
                     unit length, side by side), kept only for label requests, else None
     camera:         <np.int64: M> camera of each in-view point (0: the primary camera, k:
@@ -77,6 +80,7 @@ class FrameOutput:
     cloud: Optional[LabeledCloudBuffer] = None
     overlay: Optional[np.ndarray] = None
     step_seconds: float = 0.0
+    stage_seconds: Dict[str, float] = field(default_factory=dict)
     features: Optional[np.ndarray] = None
     camera: Optional[np.ndarray] = None
     unseen_prediction: Optional[np.ndarray] = None
@@ -224,6 +228,7 @@ class Pipeline:
         # The one place frames are projected online and offline: ego motion compensated
         # where inputs.ego_motion asks for it and the frame has both poses.
         projections = project_views(frame, self.min_depth, ego_motion=self.inputs.ego_motion)
+        projected = time.perf_counter()
         in_view = sum(int(np.count_nonzero(p.in_view)) for p in projections)
         if in_view < MIN_POINTS_IN_VIEW:
             where = 'the image' if len(projections) == 1 else 'any of the images'
@@ -274,8 +279,12 @@ class Pipeline:
             output = _in_sweep_order(output, masks)
         if unseen is not None:
             output.unseen_prediction, output.unseen_confidence = unseen
-        output.step_seconds = time.perf_counter() - started
-        return self._pack(output)
+        finished = time.perf_counter()
+        output.step_seconds = finished - started
+        output = self._pack(output)
+        output.stage_seconds = {'project': projected - started, 'model': finished - projected,
+                                'encode': time.perf_counter() - finished}
+        return output
 
     def _label_unseen(self, frame: Frame, points: np.ndarray
                       ) -> Optional[Tuple[np.ndarray, np.ndarray]]:

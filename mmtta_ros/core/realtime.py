@@ -11,14 +11,35 @@ each frame predicted by the state before its own update.
 """
 
 import copy
+import os
 import threading
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from mmtta_ros.core.frame import Frame
 from mmtta_ros.core.persist import PathLike
 from mmtta_ros.core.pipeline import FrameOutput, Pipeline
+
+
+def lower_thread_priority(increment: int) -> Optional[str]:
+    """
+    Raise the calling thread's niceness by `increment` (Linux: per thread); None if done.
+
+    The adapter runs behind the predictor: on a CPU with fewer cores than busy threads
+    (the predictor, the executor, a bag player) the scheduler then gives the labeling
+    threads the cores first and the adapter what is left. Where the OS cannot set one
+    thread's priority, the reason is returned and nothing changes.
+    """
+    if increment <= 0:
+        return None
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread,
+                       min(os.getpriority(os.PRIO_PROCESS, thread) + increment, 19))
+    except (AttributeError, OSError) as error:  # no per-thread priority here
+        return f'adapter thread priority unchanged: {error}'
+    return None
 
 
 class SplitPipeline:
@@ -112,3 +133,58 @@ class SplitPipeline:
     def device(self) -> torch.device:
         """Return the device both sides run on."""
         return self.adapter.device
+
+
+def labels_apart(params) -> bool:
+    """
+    Return whether the node (NodeParams `params`) labels otherwise than the paper's protocol.
+
+    With worker.split the predictor labels each frame with the state of the adapter's
+    last step. That is the paper's protocol (predict, then adapt, each frame) unless the
+    adapter skips frames (adapt_every > 1) or the source calibration is on: the predictor
+    then calibrates to the source confidence of the adapter's last frame, not its own
+    (tta/calibration.py). Source-only adapts nothing and never splits.
+    """
+    adaptation = params.pipeline.adaptation
+    if not params.split or adaptation.method == 'source':
+        return False
+    return params.adapt_every > 1 or adaptation.calibrate
+
+
+class NodeProtocol:
+    """
+    The node's split protocol offline, made deterministic: the scorers run what it runs.
+
+    Every frame is labeled by the predictor with the newest state handed over; every
+    adapt_every-th labeled frame is then adapted on, before the next frame comes (an
+    adapter that keeps up; the live node's adapter may fall further behind).
+    """
+
+    def __init__(self, pipeline: Pipeline, adapt_every: int = 1):
+        self.split = SplitPipeline(pipeline)
+        self.adapt_every = adapt_every
+        self._labeled = 0
+
+    def process(self, frame: Frame) -> FrameOutput:
+        """Label the frame (SensorDataError if it cannot be used), then adapt on it if due."""
+        output = self.split.predict(frame)
+        if self._labeled % self.adapt_every == 0:
+            output.stats = self.split.adapt(frame)
+        self._labeled += 1
+        return output
+
+    def reset(self) -> None:
+        """Both sides back to the source model; the count starts again."""
+        self.split.reset()
+        self._labeled = 0
+
+    def __getattr__(self, name: str):
+        # Everything else (the method, output settings, supervision) as the split has it.
+        if name == 'split':
+            raise AttributeError(name)
+        return getattr(self.split, name)
+
+
+def node_protocol(pipeline: Pipeline, params) -> Any:
+    """Return what labels frames as the node with NodeParams `params` does, offline."""
+    return NodeProtocol(pipeline, params.adapt_every) if labels_apart(params) else pipeline

@@ -183,7 +183,7 @@ _ROW_ORDER = {name: index for index, name in enumerate((
     'latte', 'cbst', 'proda', 'mic', 'ftd', 'bn_stats_source_3d', 'mmtta_0.9_source_3d',
     'cbst_source_3d', 'source_product', 'mmtta_0.9_product', 'mmtta_0.9_calibrated_mean',
     'mmtta_0.9_calibrated', 'tent_ens_calibrated', 'bn_stats_calibrated',
-    'default', 'default_realtime', 'labor_3', 'labor_10', 'labor_40',
+    'default_paper', 'default', 'default_realtime', 'labor_3', 'labor_10', 'labor_40',
     'labor_100', 'random_3', 'random_10', 'random_40', 'random_100', 'uda_xmuda',
     'uda_adaptsegnet', 'uda_dann', 'oracle'))}
 # Label-budget rows: a selection mode's rows are `<prefix>_<budget>` (config/shifts.yaml).

@@ -7,7 +7,7 @@ as the method is configured), compared with the frame's labels over in-view poin
 """
 
 import time
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,15 +20,17 @@ from mmtta_ros.core.pipeline import FrameOutput, Pipeline
 HEADS = ('2d', '3d', '2d3d')
 
 
-def score_stream(pipeline: Pipeline, frames: Iterable[Frame],
+def score_stream(pipeline: Union[Pipeline, Any], frames: Iterable[Frame],
                  class_names: Sequence[str] = CLASS_NAMES,
                  on_result: Optional[Callable[[FrameOutput], None]] = None
                  ) -> Dict[str, object]:
     """
     Run `pipeline` over `frames` in order; return mIoU per head and per-class IoU.
 
-    Every frame adapts the method; unlabeled frames (a real bag between keyframes) are
-    counted but not scored. on_result(output) sees every output (to record its cloud).
+    pipeline: a Pipeline (the paper's protocol: every frame adapted on, then labeled), or
+    core.realtime.NodeProtocol (the node's split: labeled, then adapted on). Unlabeled
+    frames (a real bag between keyframes) are counted but not scored. on_result(output)
+    sees every output (to record its cloud).
     """
     matrices = {head: ConfusionMatrix(len(class_names)) for head in HEADS}
     num_frames, unlabeled, started = 0, 0, time.monotonic()

@@ -278,31 +278,24 @@ def run_stream(values: Mapping[str, Any], frames: Sequence[Frame], window: int,
     from mmtta_ros.core.annotator import SimulatedAnnotator
     from mmtta_ros.core.builder import build_pipeline
     from mmtta_ros.core.labels import LabelLoop
-    from mmtta_ros.core.realtime import SplitPipeline
+    from mmtta_ros.core.realtime import node_protocol
 
     params = node_params(values)
-    pipeline = build_pipeline(params.pipeline)
-    # worker.split with adapt_every N: the node's real-time protocol, made deterministic:
-    # every frame labeled by the predictor, every N-th adapted on (the adapter's pace).
-    split = SplitPipeline(pipeline) if values.get('worker.split') and \
-        values.get('worker.adapt_every', 1) > 1 else None
+    # worker.split: the node's real-time protocol, made deterministic: every frame
+    # labeled by the predictor, every N-th adapted on (the adapter's pace).
+    pipeline = node_protocol(build_pipeline(params.pipeline), params)
     loop = annotator = None
     if params.pipeline.labels.enabled:
-        loop = LabelLoop(params.pipeline.labels, pipeline if split is None else split)
+        loop = LabelLoop(params.pipeline.labels, pipeline)
         settings = {**ANNOTATOR_SETTINGS, **(annotator_settings or {})}
         annotator = SimulatedAnnotator(delay=int(settings['delay']),
                                        error_rate=float(settings['error_rate']),
                                        seed=int(settings['seed']))
     scored, rejected, resets = [], 0, 0
     started = time.perf_counter()
-    for index, frame in enumerate(frames):
+    for frame in frames:
         try:
-            if split is None:
-                output = pipeline.process(frame)
-            else:
-                output = split.predict(frame)
-                if index % params.adapt_every == 0:
-                    output.stats = split.adapt(frame)
+            output = pipeline.process(frame)
         except SensorDataError:
             rejected += 1
             output = None
@@ -408,8 +401,10 @@ def scored_values(values: Mapping[str, Any]) -> Dict[str, Any]:
     for name, value in _SCORED_UNLESS.items():
         if scored.get(name) == value:
             del scored[name]
-    if not (scored.get('worker.split') and scored.get('worker.adapt_every', 1) > 1):
-        # Split with every frame adapted labels as the paper's protocol does (tested).
+    from mmtta_ros.core.realtime import labels_apart  # torch: only where records are keyed
+    if not labels_apart(node_params(values)):
+        # Split with every frame adapted, uncalibrated, labels as the paper's protocol does
+        # (tested): one record for both.
         scored.pop('worker.split', None)
         scored.pop('worker.adapt_every', None)
     if scored.get('labels.mode', 'none') == 'none':

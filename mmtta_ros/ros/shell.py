@@ -37,7 +37,7 @@ from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.labels import answer_from_cloud, LabelLoop, request_cloud
 from mmtta_ros.core.pairing import Mailbox, TimeJump
 from mmtta_ros.core.params import NODE_NAME, node_params, output_params
-from mmtta_ros.core.realtime import SplitPipeline
+from mmtta_ros.core.realtime import lower_thread_priority, SplitPipeline
 from mmtta_ros.core.state import StateKeeper
 from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
 from mmtta_ros.ros.messages import cloud_message, image_message
@@ -323,8 +323,10 @@ class AdaptationShell:
                     output.overlay = mark_requests(output.overlay, request.pixels)
             if output.overlay is not None:
                 self.overlay_pub.publish(image_message(output.overlay, image_msg.header))
+            # label: from the decoded frame to the labeled cloud, of which project, model
+            # and encode are the pipeline's stages (the rest: the label request).
             stages = {'decode': decoded - started, 'label': published - decoded,
-                      'publish': time.perf_counter() - published}
+                      **output.stage_seconds, 'publish': time.perf_counter() - published}
             self.diagnostics.frame_done(time.monotonic() - complete_at, output.step_seconds,
                                         output.stats, stages)
             if self.split:
@@ -390,6 +392,9 @@ class AdaptationShell:
 
     def _adapt_loop(self) -> None:
         """worker.split: adapt on the newest labeled frame handed over, at the adapter's pace."""
+        problem = lower_thread_priority(self.params.adapter_nice)
+        if problem is not None:
+            self.get_logger().warning(problem)
         while self._running:
             frame = self.adapt_box.take(timeout=0.1)
             if frame is None:

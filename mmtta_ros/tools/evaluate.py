@@ -126,8 +126,11 @@ def main(argv=None) -> int:
     # Heavy imports after the arguments are known to be good.
     from mmtta_ros.core.builder import build_pipeline
 
+    from mmtta_ros.core.realtime import node_protocol
+
     try:  # the checkpoint is read here, before any frame: a bad one ends the run now
-        pipeline = build_pipeline(params.pipeline)
+        # Labeled as the node labels (worker.split: the predictor, adaptation behind it).
+        pipeline = node_protocol(build_pipeline(params.pipeline), params)
     except (ValueError, OSError) as error:
         raise SystemExit(f'error: {error}') from None
     method = params.pipeline.adaptation.method

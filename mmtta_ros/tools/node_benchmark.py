@@ -102,7 +102,14 @@ def main(argv=None) -> int:
     print(f'  end-to-end latency, median / p90      {live["latency_ms_median"]:.1f} / '
           f'{live["latency_ms_p90"]:.1f} ms  (sweep in -> labeled cloud out, at a subscriber)')
     print(f'  per stage in the node (mean)          decode {figure("decode_ms"):.1f}, label '
-          f'{label_ms:.1f}, publish {figure("publish_ms"):.1f}, adapt {figure("adapt_ms"):.1f} ms')
+          f'{label_ms:.1f} (project {figure("project_ms"):.1f}, model {figure("model_ms"):.1f}, '
+          f'encode {figure("encode_ms"):.1f}), publish {figure("publish_ms"):.1f}, adapt '
+          f'{figure("adapt_ms"):.1f} ms')
+    rates = (f'{float(values.get("adaptation_steps", 0)) / args.duration * args.rate:.1f} Hz '
+             f'adapted, {float(values.get("frames_processed", 0)) / args.duration * args.rate:.1f}'
+             f' Hz labeled, of {float(values.get("sync_sets", 0)) / args.duration * args.rate:.1f}'
+             ' Hz matched')
+    print(f'  rates over the bag\'s duration         {rates}')
     print(f'  median end-to-end / label stage       {live["latency_ms_median"] / label_ms:.2f}')
     print(f'  adapt-and-label step alone, offline   {step * 1e3:.1f} ms  '
           f'(median of {args.offline_frames} frames of the same bag)')

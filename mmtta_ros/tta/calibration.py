@@ -17,10 +17,17 @@ barely move) both confidences are alike and nothing changes. Matched, night_hars
 went from 52.8 to 58.7 (mean fusion) and 60.5 (product fusion) on three streams of one
 checkpoint, city_b held-out seeds unchanged. Cost: the source forward of the calibrated
 branches (the fallback's, where one runs, is reused in the step).
+
+Predicting apart from adapting (`predict`, the node's real-time predictor) costs no
+source forward: the target confidences come from the newest adaptation step, handed over
+with the prediction state, so a label costs what the method's own prediction costs. That
+target is the source's confidence on the adapter's last frame, not on the frame being
+labeled; only before the first step does `predict` run the source model itself.
 """
 
 import dataclasses
-from typing import Any, Dict, Sequence
+import math
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -79,6 +86,8 @@ class SourceCalibration(MethodWrapper):
                              f'{list(branches)!r}')
         super().__init__(method, source_model)
         self.branches = tuple(branches)
+        # The source's mean top-class probability per branch on the last step's frame.
+        self.targets: Optional[Dict[str, float]] = None
 
     def step(self, inputs: Any) -> Any:
         """Adapt and predict with the method; calibrate its branches to the source."""
@@ -87,32 +96,76 @@ class SourceCalibration(MethodWrapper):
         # it is passed on to a source branch outside.
         source = self._inner_source_output(inputs)
         self._last_source = (inputs, source) if source is not None else None
-        prediction, confidences = self._calibrated(adapted, {
-            branch: (getattr(source, f'logits_{branch}') if source is not None
-                     else source_branch_logits(self.source_model, inputs, branch))
-            for branch in self.branches})
+        targets = {branch: mean_confidence(
+            getattr(source, f'logits_{branch}') if source is not None
+            else source_branch_logits(self.source_model, inputs, branch))
+            for branch in self.branches}
+        prediction = self._calibrated(adapted, targets)
+        self.targets = {branch: float(target) for branch, target in targets.items()}
         stats = dict(self.method.stats)
         stats.update(to_numbers(prediction_stats(prediction.logits_2d, prediction.logits_3d)))
-        stats.update(confidences)
+        stats.update({f'confidence_source_{branch}': target
+                      for branch, target in self.targets.items()})
         self.stats = stats
         return prediction
 
     @torch.no_grad()
     def predict(self, inputs: Any) -> Any:
-        """Return the method's prediction now, its branches at the source's confidence."""
+        """
+        Return the method's prediction now, its branches at the source's confidence.
+
+        The confidences are those of the newest step (this copy's, or handed over by
+        `load_prediction_state`); before any step, the source model's on these inputs.
+        """
         prediction = self.method.predict(inputs)
-        return self._calibrated(prediction, {
-            branch: source_branch_logits(self.source_model, inputs, branch)
-            for branch in self.branches})[0]
+        targets = ({branch: torch.tensor(target) for branch, target in self.targets.items()}
+                   if self.targets is not None else
+                   {branch: mean_confidence(source_branch_logits(self.source_model, inputs,
+                                                                 branch))
+                    for branch in self.branches})
+        return self._calibrated(prediction, targets)
+
+    def prediction_state(self) -> Dict[str, torch.Tensor]:
+        """Return the method's prediction state and the newest step's target confidences."""
+        state = self.method.prediction_state()
+        state['calibration.targets'] = torch.tensor(
+            [math.nan if self.targets is None else self.targets[branch]
+             for branch in self.branches], dtype=torch.float64)
+        return state
+
+    def load_prediction_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Copy another copy's prediction state (and its target confidences) in."""
+        state = dict(state)
+        targets = state.pop('calibration.targets').tolist()
+        self.method.load_prediction_state(state)
+        self.targets = (None if any(math.isnan(target) for target in targets)
+                        else dict(zip(self.branches, targets)))
+
+    def reset(self) -> None:
+        """Reset the method to the source; forget the targets."""
+        self.method.reset()
+        self.targets = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Return the method's state plus the targets (a saved state predicts the same)."""
+        state = self.method.state_dict()
+        state['calibration'] = {'targets': None if self.targets is None else dict(self.targets)}
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a state returned by state_dict (one saved before the targets: none)."""
+        state = dict(state)
+        saved = state.pop('calibration', None) or {}
+        self.method.load_state_dict(state)
+        targets = saved.get('targets')
+        self.targets = None if targets is None else {
+            branch: float(targets[branch]) for branch in self.branches}
 
     @staticmethod
-    def _calibrated(prediction: Any, source_logits: Dict[str, torch.Tensor]):
-        """Return the prediction with its branches matched, and the source's confidences."""
+    def _calibrated(prediction: Any, targets: Dict[str, torch.Tensor]) -> Any:
+        """Return the prediction with each branch at its target mean confidence."""
         prediction = detach_output(prediction)
-        changes, confidences = {}, {}
-        for branch, reference in source_logits.items():
-            target = mean_confidence(reference)
-            name = f'logits_{branch}'
-            changes[name] = match_confidence(getattr(prediction, name), target)
-            confidences[f'confidence_source_{branch}'] = float(target)
-        return dataclasses.replace(prediction, **changes), confidences
+        return dataclasses.replace(prediction, **{
+            f'logits_{branch}': match_confidence(getattr(prediction, f'logits_{branch}'),
+                                                 target.to(prediction.logits_2d.device))
+            for branch, target in targets.items()})
