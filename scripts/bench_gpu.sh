@@ -19,7 +19,8 @@ export PYTHONUNBUFFERED=1
 # ~30k LiDAR points a sweep and 400x225 images: what the 2D branch sees of nuScenes.
 "$py" -m mmtta_ros.tools.tta_benchmark --device cuda --sizes tiny xmuda \
   --precision fp32 bf16 --frames "${FRAMES:-50}" --warmup 5 | tee "$out/tta_benchmark.txt"
-for method in source mmtta; do
+# bn_stats with config/adapt.yaml's parts is the node's default configuration.
+for method in source bn_stats mmtta; do
   "$py" -m mmtta_ros.tools.node_benchmark --method "$method" --param device=cuda \
     --out-dir "$out/node_$method" | tee "$out/node_benchmark_$method.txt"
 done

@@ -402,7 +402,8 @@ def scored_values(values: Mapping[str, Any]) -> Dict[str, Any]:
         if scored.get(name) == value:
             del scored[name]
     from mmtta_ros.core.realtime import labels_apart  # torch: only where records are keyed
-    if not labels_apart(node_params(values)):
+    # Only the table's parameters decide the protocol (a record may name others).
+    if not labels_apart(node_params({k: v for k, v in values.items() if k in SPECS})):
         # Split with every frame adapted, uncalibrated, labels as the paper's protocol does
         # (tested): one record for both.
         scored.pop('worker.split', None)

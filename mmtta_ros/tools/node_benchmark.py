@@ -12,6 +12,7 @@ from pathlib import Path
 import statistics
 import sys
 import time
+from typing import Tuple
 
 
 from mmtta_ros.bags.playback import read_topics
@@ -23,24 +24,33 @@ from mmtta_ros.ros.dds_profile import dds_environment, PROFILES_VARIABLE
 from mmtta_ros.synth import T_CAM_FROM_LIDAR
 
 
-def offline_step_seconds(checkpoint: Path, bag: Path, method: str, frames: int) -> float:
-    """Median seconds of Pipeline.process on the bag's frames (warm), the node's settings."""
+def offline_step_seconds(checkpoint: Path, bag: Path, method: str, frames: int
+                         ) -> Tuple[float, float]:
+    """
+    Return median seconds of a step and of a prediction alone on the bag's frames (warm).
+
+    The node's settings; the step is Pipeline.process (adapt, then label), the prediction
+    Pipeline.predict right after it (what the node's predictor runs with worker.split).
+    """
     values = read_params_file(default_params_file())
     values.update({'adaptation.method': method, 'model.checkpoint': str(checkpoint),
                    'device': 'cpu'})
     params = node_params(values)
     pipeline = build_pipeline(params.pipeline)
-    times = []
+    steps, predictions = [], []
     reader = BagFrameReader(bag, image_size=params.pipeline.model.image_size, sync=params.sync,
                             T_cam_from_lidar=T_CAM_FROM_LIDAR)
     for i, frame in enumerate(reader):
         start = time.perf_counter()
         pipeline.process(frame)
+        stepped = time.perf_counter()
+        pipeline.predict(frame)
         if i >= 2:
-            times.append(time.perf_counter() - start)
-        if len(times) >= frames:
+            steps.append(stepped - start)
+            predictions.append(time.perf_counter() - stepped)
+        if len(steps) >= frames:
             break
-    return statistics.median(times)
+    return statistics.median(steps), statistics.median(predictions)
 
 
 def main(argv=None) -> int:
@@ -81,7 +91,7 @@ def main(argv=None) -> int:
 
     live = run_live(args.method, checkpoint, bag, out_dir, args.rate, env, pictures=False,
                     parameters=parameters)
-    step = offline_step_seconds(checkpoint, bag, args.method, args.offline_frames)
+    step, predict = offline_step_seconds(checkpoint, bag, args.method, args.offline_frames)
     values = live['diagnostics']
 
     def figure(name, default='nan'):
@@ -113,6 +123,8 @@ def main(argv=None) -> int:
     print(f'  median end-to-end / label stage       {live["latency_ms_median"] / label_ms:.2f}')
     print(f'  adapt-and-label step alone, offline   {step * 1e3:.1f} ms  '
           f'(median of {args.offline_frames} frames of the same bag)')
+    print(f'  prediction alone, offline             {predict * 1e3:.1f} ms  (the same frames; '
+          f'median end-to-end / it: {live["latency_ms_median"] / (predict * 1e3):.2f})')
     return 0
 
 

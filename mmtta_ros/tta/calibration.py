@@ -118,7 +118,10 @@ class SourceCalibration(MethodWrapper):
         `load_prediction_state`); before any step, the source model's on these inputs.
         """
         prediction = self.method.predict(inputs)
-        targets = ({branch: torch.tensor(target) for branch, target in self.targets.items()}
+        device = prediction.logits_2d.device
+        # A fill on the device, not a copy to it: no host sync in the label path.
+        targets = ({branch: torch.full((), target, device=device)
+                    for branch, target in self.targets.items()}
                    if self.targets is not None else
                    {branch: mean_confidence(source_branch_logits(self.source_model, inputs,
                                                                  branch))
@@ -166,6 +169,5 @@ class SourceCalibration(MethodWrapper):
         """Return the prediction with each branch at its target mean confidence."""
         prediction = detach_output(prediction)
         return dataclasses.replace(prediction, **{
-            f'logits_{branch}': match_confidence(getattr(prediction, f'logits_{branch}'),
-                                                 target.to(prediction.logits_2d.device))
+            f'logits_{branch}': match_confidence(getattr(prediction, f'logits_{branch}'), target)
             for branch, target in targets.items()})
