@@ -101,6 +101,8 @@ def test_the_node_over_dds_labels_what_the_offline_scorer_labels(
                                   'worker.split': False},
                       player_args=['--wait-for', *INPUT_TOPICS, '--delay', '5'])
     assert report['node_exit_code'] == 0 and not report['node_traceback']
+    # CPU by process over the run: the player and the node, each reaped once.
+    assert report['cpu_seconds']['player'] > 0 and report['cpu_seconds']['node'] > 0
     live = {stamp: cloud for stamp, _, cloud in read_clouds(
         tmp_path / f'{method}_labeled_points', topic='/mmtta_adapt/output/labeled_points')}
 

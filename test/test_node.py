@@ -188,6 +188,9 @@ def test_labeled_clouds_overlay_and_diagnostics(harness, frames):
     for stage in ('decode_ms', 'label_ms', 'project_ms', 'model_ms', 'encode_ms', 'publish_ms',
                   'adapt_ms'):
         assert float(values[stage]) > 0, stage
+    # CPU seconds of the worker and adapter threads, within the process's.
+    worker, adapter = float(values['cpu_worker_s']), float(values['cpu_adapter_s'])
+    assert 0 < worker and 0 < adapter and worker + adapter <= float(values['cpu_process_s'])
 
 
 def test_bad_inputs_are_counted_and_the_node_keeps_going(harness, frames):

@@ -8,12 +8,13 @@ labeled clouds here, scores them against the bag's labels and measures latency. 
 """
 
 from pathlib import Path
+import resource
 import signal
 import struct
 import subprocess
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -167,6 +168,18 @@ def _spin_until(executor, condition, timeout: float) -> bool:
     return condition()
 
 
+def _cpu_seconds(before: Dict[str, Any], children, own) -> Dict[str, Optional[float]]:
+    """Return CPU seconds (user + system) of the player, the node and this process, and wall."""
+    def used(usage) -> float:
+        return usage.ru_utime + usage.ru_stime
+    after_player = before.get('after_player')
+    return {'player': None if after_player is None
+            else used(after_player) - used(before['children']),
+            'node': None if after_player is None else used(children) - used(after_player),
+            'recorder': used(own) - used(before['self']),
+            'wall': time.monotonic() - before['wall']}
+
+
 def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: float,
              env: Dict[str, str], pictures: bool = True,
              parameters: Optional[Mapping[str, object]] = None,
@@ -205,6 +218,9 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(recorder.node)
     node_log = open(out_dir / f'{method}_node.log', 'w')
+    # CPU seconds by process: the children's usage grows as each is reaped (player, node).
+    cpu = {'children': resource.getrusage(resource.RUSAGE_CHILDREN),
+           'self': resource.getrusage(resource.RUSAGE_SELF), 'wall': time.monotonic()}
     node = subprocess.Popen(node_cmd, env=env, stdout=node_log, stderr=subprocess.STDOUT)
     player = None
     try:
@@ -217,6 +233,7 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
         player = subprocess.Popen(player_cmd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         _spin_until(executor, lambda: player.poll() is not None, 600.0)
+        cpu['after_player'] = resource.getrusage(resource.RUSAGE_CHILDREN)
         # Let the node finish the pair it is working on (or every queued one).
         last = [len(recorder.outputs), time.monotonic()]
 
@@ -237,9 +254,12 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
             node_rc = node.wait()
         node_log.close()
     player_out = player.communicate(timeout=30)[0] if player is not None else ''
+    cpu_seconds = _cpu_seconds(cpu, resource.getrusage(resource.RUSAGE_CHILDREN),
+                               resource.getrusage(resource.RUSAGE_SELF))
     report = recorder.score()
     latencies = recorder.latencies()
     report.update(sweeps_seen=len(recorder.input_arrivals), diagnostics=recorder.diagnostics,
+                  cpu_seconds=cpu_seconds,
                   labeled_stamps=sorted(stamp_to_ns(m.header.stamp) for m in recorder.outputs),
                   latency_ms_median=float(np.median(latencies) * 1e3) if latencies.size else None,
                   latency_ms_p90=float(np.percentile(latencies, 90) * 1e3)

@@ -74,6 +74,7 @@ class NodeDiagnostics:
         self._steps: Deque[float] = deque(maxlen=HISTORY)
         self._stages: Dict[str, Deque[float]] = {}
         self._last_stats: Dict[str, Any] = {}
+        self._thread_cpu: Dict[str, float] = {}
 
     def received(self, key: str) -> None:
         """Note one message on input `key`."""
@@ -130,6 +131,17 @@ class NodeDiagnostics:
             self._note_stats(stats)
             self._note_stages({'adapt': seconds})
 
+    def thread_cpu(self, name: str) -> None:
+        """
+        Note the CPU seconds the calling thread (`name`: worker, adapter) has used so far.
+
+        Against the wall time of its stages it says whether a slow stage did more work or
+        waited for a core (the node's process CPU minus these is the executor's and DDS's).
+        """
+        seconds = time.thread_time()
+        with self._lock:
+            self._thread_cpu[name] = seconds
+
     def _note_stats(self, stats: Mapping[str, Any]) -> None:
         self._last_stats = dict(stats)
         if stats.get('supervised_points'):
@@ -154,6 +166,9 @@ class NodeDiagnostics:
             for name, times in self._stages.items():
                 values[f'{name}_ms'] = float(np.mean(times)) * 1e3
             values.update(self._counters)
+            values.update({f'cpu_{name}_s': seconds
+                           for name, seconds in self._thread_cpu.items()})
+            values['cpu_process_s'] = time.process_time()
             values['pairs_in_step'] = self._in_step
             values['time_jumps_recent'] = sum(t >= now - RATE_WINDOW_S for t in self._jumps)
             for key in ADAPTATION_STATS:

@@ -329,6 +329,7 @@ class AdaptationShell:
                       **output.stage_seconds, 'publish': time.perf_counter() - published}
             self.diagnostics.frame_done(time.monotonic() - complete_at, output.step_seconds,
                                         output.stats, stages)
+            self.diagnostics.thread_cpu('worker')
             if self.split:
                 # The adapter takes the newest frame handed over whenever it is free.
                 if self._labeled % self.params.adapt_every == 0:
@@ -408,6 +409,7 @@ class AdaptationShell:
                                         throttle_duration_sec=THROTTLE_S)
                 continue
             self.diagnostics.adaptation_done(time.perf_counter() - started, stats)
+            self.diagnostics.thread_cpu('adapter')
 
     def _stamp_acceptable(self, cloud_msg) -> bool:
         limit = self.params.max_stamp_skew_s

@@ -121,6 +121,17 @@ def main(argv=None) -> int:
              ' Hz matched')
     print(f'  rates over the bag\'s duration         {rates}')
     print(f'  median end-to-end / label stage       {live["latency_ms_median"] / label_ms:.2f}')
+    cpu = live['cpu_seconds']
+    labeled = max(1, int(values.get('frames_processed', 0)))
+    node_cpu, worker, adapter = (figure('cpu_process_s'), figure('cpu_worker_s', '0'),
+                                 figure('cpu_adapter_s', '0'))
+    print(f'  CPU seconds over the run ({cpu["wall"]:.1f} s wall, {os.cpu_count()} CPUs)     '
+          f'node {node_cpu:.1f} (worker {worker:.1f}, adapter {adapter:.1f}, the rest '
+          f'{node_cpu - worker - adapter:.1f}: start-up, executor, DDS), player '
+          f'{cpu["player"]:.1f}, this recorder {cpu["recorder"]:.1f}')
+    print(f'  worker CPU per labeled pair           {worker / labeled * 1e3:.1f} ms  (against '
+          f'{label_ms + figure("decode_ms") + figure("publish_ms"):.1f} ms wall: the rest is '
+          'waiting for a core)')
     print(f'  adapt-and-label step alone, offline   {step * 1e3:.1f} ms  '
           f'(median of {args.offline_frames} frames of the same bag)')
     print(f'  prediction alone, offline             {predict * 1e3:.1f} ms  (the same frames; '
