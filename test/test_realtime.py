@@ -203,3 +203,22 @@ def test_the_scorers_run_the_nodes_protocol(frames):
     assert every_other.split.published == (len(frames) + 1) // 2
     calibrated.reset()
     assert calibrated.split.predictor.method.method.targets is None
+
+
+def test_a_split_node_gives_the_predictor_and_the_adapter_half_the_cores_each():
+    from mmtta_ros.core.realtime import split_threads
+    cpu = torch.device('cpu')
+    assert [split_threads(0, cpu, cores) for cores in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    assert split_threads(3, cpu, 16) is None  # a set value is kept
+    assert split_threads(0, torch.device('cuda'), 16) is None
+    # Set for the node's life, given back when it lets go (torch's threads are global).
+    from mmtta_ros.core.realtime import configure_split_threads, restore_threads
+    found = torch.get_num_threads()
+    try:
+        before = configure_split_threads(0, cpu)
+        assert before == found
+        assert torch.get_num_threads() == split_threads(0, cpu)
+        assert configure_split_threads(2, cpu) is None  # set explicitly: left alone
+    finally:
+        restore_threads(before)
+    assert torch.get_num_threads() == found

@@ -96,7 +96,9 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               4096, read_only=True),
     ParamSpec('device', 'auto', 'auto (CUDA when available), cuda or cpu',
               choices=('auto', 'cuda', 'cpu'), read_only=True),
-    ParamSpec('threads', 0, 'torch CPU threads (0: torch default)', 0, 256, read_only=True),
+    ParamSpec('threads', 0, 'torch CPU threads (0: torch default; with worker.split on a CPU '
+              'half the cores, as the predictor and the adapter run at once)', 0, 256,
+              read_only=True),
     ParamSpec('model.precision', 'fp32', 'arithmetic of the forward passes (prediction and '
               'adaptation): fp32, or bf16 autocast (the 2D branch and the heads; the sparse 3D '
               'branch stays fp32); bf16 needs no loss scaling, fp16 would',

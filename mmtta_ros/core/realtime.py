@@ -42,6 +42,47 @@ def lower_thread_priority(increment: int) -> Optional[str]:
     return None
 
 
+def split_threads(threads: int, device: torch.device,
+                  cpu_count: Optional[int] = None) -> Optional[int]:
+    """
+    Return the torch CPU threads for a split node, or None to leave them as they are.
+
+    `threads` 0 (torch's default: every core for each forward) on a CPU gives half the
+    cores: the predictor and the adapter run at once, and two forwards each spreading
+    over every core slow each other down (measured on 2 cores: one thread each labeled 84
+    pairs of the demo bag, two threads each 49). A set `threads` is kept; a GPU needs none.
+    """
+    if threads or device.type != 'cpu':
+        return None
+    return max(1, (cpu_count or os.cpu_count() or 2) // 2)
+
+
+def configure_split_threads(threads: int, device: torch.device) -> Optional[int]:
+    """
+    Set torch's CPU threads for a split node (split_threads); return what they were.
+
+    None where nothing was set. The value returned goes back with torch.set_num_threads
+    when the node lets go of its pipeline (torch's threads are the whole process's).
+    """
+    chosen = split_threads(threads, device)
+    if chosen is None:
+        return None
+    before = torch.get_num_threads()
+    torch.set_num_threads(chosen)
+    return before
+
+
+def torch_threads() -> int:
+    """Return torch's CPU threads now."""
+    return torch.get_num_threads()
+
+
+def restore_threads(before: Optional[int]) -> None:
+    """Give torch back the threads configure_split_threads found (None: nothing to do)."""
+    if before is not None:
+        torch.set_num_threads(before)
+
+
 class SplitPipeline:
     """A predictor pipeline and an adapter pipeline that share the adapted state."""
 

@@ -36,6 +36,7 @@ class MMTTANode(AdaptationShell, Node):
         """Stop the worker (its last step publishes nothing); save the state if configured."""
         self._stop_worker()
         self._save_at_shutdown()
+        self._restore_threads()
 
 
 def main(args=None) -> int:

@@ -37,7 +37,9 @@ from mmtta_ros.core.errors import SensorDataError
 from mmtta_ros.core.labels import answer_from_cloud, LabelLoop, request_cloud
 from mmtta_ros.core.pairing import Mailbox, TimeJump
 from mmtta_ros.core.params import NODE_NAME, node_params, output_params
-from mmtta_ros.core.realtime import lower_thread_priority, SplitPipeline
+from mmtta_ros.core.realtime import (
+    configure_split_threads, lower_thread_priority, restore_threads, SplitPipeline,
+    torch_threads)
 from mmtta_ros.core.state import StateKeeper
 from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
 from mmtta_ros.ros.messages import cloud_message, image_message
@@ -72,6 +74,11 @@ class AdaptationShell:
         pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
         # worker.split: label at inference cost, adapt on another thread (core/realtime.py).
         self.split = self.params.split and pipeline.method_name != 'source'
+        self._threads_before = configure_split_threads(
+            self.params.pipeline.model.threads, pipeline.device) if self.split else None
+        if self._threads_before is not None:
+            self.get_logger().info(f'worker.split with threads 0: {torch_threads()} torch '
+                                   'thread(s) each for the predictor and the adapter')
         self.pipeline = SplitPipeline(pipeline) if self.split else pipeline
         labels = self.params.pipeline.labels
         self.labels = LabelLoop(labels, self.pipeline) if labels.enabled else None
@@ -117,6 +124,12 @@ class AdaptationShell:
         if listener is not None:
             listener.unregister()
         self.pipeline = self.state = self.labels = self.tf_calibration = None
+        self._restore_threads()
+
+    def _restore_threads(self) -> None:
+        """Give torch back the CPU threads the node found (they are the whole process's)."""
+        restore_threads(getattr(self, '_threads_before', None))
+        self._threads_before = None
 
     # --- activate / deactivate -----------------------------------------------------------
     def _start_io(self) -> None:
