@@ -34,8 +34,7 @@ def _pipeline(method='mmtta', **values):
 
 
 @pytest.mark.parametrize('method,values', [
-    ('mmtta', {'adaptation.mmtta.momentum': 0.5}), ('tent_ens', {}),
-    ('mmtta', {'adaptation.fallback': True})])
+    ('mmtta', {'adaptation.mmtta.momentum': 0.5}), ('tent_ens', {}), ('bn_stats', {})])
 def test_when_the_adapter_keeps_up_the_labels_are_the_papers_protocol(frames, method, values):
     reference = _pipeline(method, **values)
     split = SplitPipeline(_pipeline(method, **values))
@@ -55,15 +54,18 @@ CALIBRATED = {'adaptation.fallback': True, 'adaptation.calibrate': True,
               'adaptation.source_branch': '3d', 'output.fusion': 'product'}
 
 
-@pytest.mark.parametrize('method', ['mmtta', 'bn_stats'])
-def test_with_calibration_the_split_labels_as_one_copy_predicting_then_adapting(frames,
-                                                                                method):
-    # The predictor calibrates with the adapter's newest targets (the previous frame's
-    # source confidence), not the frame's own: the paper's protocol per branch, and the
-    # handed-over state exactly what the adapter itself would predict with.
-    paper = _pipeline(method, **CALIBRATED)
-    one_copy = _pipeline(method, **CALIBRATED)
-    split = SplitPipeline(_pipeline(method, **CALIBRATED))
+@pytest.mark.parametrize('method,values', [
+    ('mmtta', CALIBRATED), ('bn_stats', CALIBRATED), ('bn_stats', {'adaptation.fallback': True}),
+    ('bn_stats', {**CALIBRATED, 'adaptation.fallback': False})])
+def test_with_per_frame_parts_the_split_labels_as_one_copy_predicting_then_adapting(
+        frames, method, values):
+    # The fallback decides with the agreements up to the previous frame and the predictor
+    # calibrates with the adapter's newest targets (the previous frame's source
+    # confidence): not the paper's protocol, but exactly what the adapter itself would
+    # predict with before its step (core/realtime.labels_apart).
+    paper = _pipeline(method, **values)
+    one_copy = _pipeline(method, **values)
+    split = SplitPipeline(_pipeline(method, **values))
     for index, frame in enumerate(frames):
         expected = paper.process(frame)
         own = one_copy.predict(frame)
@@ -73,25 +75,46 @@ def test_with_calibration_the_split_labels_as_one_copy_predicting_then_adapting(
         assert (labeled.prediction == own.prediction).all()
         torch.testing.assert_close(torch.from_numpy(labeled.confidence),
                                    torch.from_numpy(own.confidence))
-        # The calibration never changes a branch's labels.
-        assert (labeled.prediction_2d == expected.prediction_2d).all()
-        assert (labeled.prediction_3d == expected.prediction_3d).all()
-        if index == 0:  # no step yet: calibrated on the frame itself, as the paper's
+        if not values['adaptation.fallback']:
+            # The calibration alone never changes a branch's labels.
+            assert (labeled.prediction_2d == expected.prediction_2d).all()
+            assert (labeled.prediction_3d == expected.prediction_3d).all()
+        if index == 0 and values.get('adaptation.calibrate'):
+            # No step yet: calibrated on the frame itself, as in the paper's protocol.
             torch.testing.assert_close(torch.from_numpy(labeled.confidence),
                                        torch.from_numpy(expected.confidence))
-    split.predict(frames[0])  # loads the last hand-over
-    assert split.predictor.method.method.targets == split.adapter.method.method.targets
-    assert split.adapter.method.method.targets is not None
-    split.reset()
-    assert split.predictor.method.method.targets is None
+    if values.get('adaptation.calibrate'):
+        split.predict(frames[0])  # loads the last hand-over
+        assert split.predictor.method.method.targets == split.adapter.method.method.targets
+        assert split.adapter.method.method.targets is not None
+        split.reset()
+        assert split.predictor.method.method.targets is None
 
 
-@pytest.mark.slow
+def test_a_state_taken_before_a_reset_is_not_handed_over_after_it(frames):
+    split = SplitPipeline(_pipeline('mmtta'))
+    split.adapt(frames[0])
+    split.predict(frames[1])
+    taking = split.adapter.prediction_state
+
+    def taken_then_reset():
+        state = taking()  # the adapted state ...
+        split.reset()     # ... and a reset (the service) before it is handed over
+        return state
+    split.adapter.prediction_state = taken_then_reset
+    split.adapt(frames[1])
+    assert split._pending is None  # the old state was dropped
+    split.adapter.prediction_state = taking
+    fresh = _pipeline('mmtta').predict(frames[2])
+    assert (split.predict(frames[2]).confidence == fresh.confidence).all()
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal, NaN where the other is NaN (a state not yet stepped holds NaN)."""
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('values', [{}, CALIBRATED])
 def test_the_predictor_never_sees_half_a_state(frames, values):
     split = SplitPipeline(_pipeline('mmtta', **{'adaptation.mmtta.momentum': 0.5}, **values))
@@ -186,6 +209,8 @@ def test_the_scorers_run_the_nodes_protocol(frames):
     plain = _pipeline('bn_stats')
     # Split labels as the paper's protocol unless calibrated or skipping frames: one run.
     assert node_protocol(plain, params()) is plain
+    assert isinstance(node_protocol(plain, params(**{'adaptation.fallback': True})),
+                      NodeProtocol)  # the fallback decides on the previous frames
     assert node_protocol(plain, params(**{'worker.split': False, **CALIBRATED})) is plain
     assert node_protocol(plain, node_params({'adaptation.method': 'source', 'device': 'cpu',
                                              'adaptation.calibrate': True})) is plain

@@ -121,9 +121,10 @@ BASE_PARAMETERS: Tuple[ParamSpec, ...] = (
               'frozen source model while the method adapts both (none, 2d, 3d; see '
               'tta/source_branch.py)', choices=('none', '2d', '3d'), read_only=True),
     ParamSpec('adaptation.calibrate', False, 'publish each adapted branch at the frozen source '
-              'model\'s confidence on the same frame: one temperature per frame and branch, '
-              'labels of each branch unchanged, only its weight in the 2D+3D fusion (one '
-              'source forward of those branches a frame; see tta/calibration.py)',
+              'model\'s confidence: one temperature per frame and branch, labels of each '
+              'branch unchanged, only its weight in the 2D+3D fusion (the source\'s confidence '
+              'on the frame itself in one step, on the adapter\'s last frame with '
+              'worker.split; see tta/calibration.py)',
               read_only=True),
     # Labels only if required (LabOR): requests out, answered points in (core/labels.py).
     ParamSpec('labels.mode', 'none', 'ask for labels: none, point (LabOR PPL: within the '

@@ -6,8 +6,10 @@ an adapter (the method itself) adapts on the frames it is handed, at its own pac
 after each step passes the tensors the prediction depends on (`prediction_state`) over.
 The predictor loads the newest of them between two frames, never during one, so a label
 never mixes two states and no lock is held across a forward. When the adapter keeps up
-(every frame adapted before the next is predicted) the labels are the paper's protocol:
-each frame predicted by the state before its own update.
+(every frame adapted before the next is predicted) each frame is predicted by the state
+before its own update, as in the paper's protocol; the reusable parts that decide per
+frame (the source fallback, the calibration) then decide with the previous frame's
+figures (`labels_apart`), and `NodeProtocol` scores exactly that offline.
 """
 
 import copy
@@ -49,12 +51,16 @@ def split_threads(threads: int, device: torch.device,
 
     `threads` 0 (torch's default: every core for each forward) on a CPU gives half the
     cores: the predictor and the adapter run at once, and two forwards each spreading
-    over every core slow each other down (measured on 2 cores: one thread each labeled 84
+    over every core slow each other down (measured on 2 cores: one thread each labeled 85
     pairs of the demo bag, two threads each 49). A set `threads` is kept; a GPU needs none.
+    The cores are those this process may run on (its affinity: a container's share).
     """
     if threads or device.type != 'cpu':
         return None
-    return max(1, (cpu_count or os.cpu_count() or 2) // 2)
+    if cpu_count is None:
+        cpu_count = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                     else os.cpu_count()) or 2
+    return max(1, cpu_count // 2)
 
 
 def configure_split_threads(threads: int, device: torch.device) -> Optional[int]:
@@ -94,6 +100,8 @@ class SplitPipeline:
             keep_features=adapter.keep_features)
         self._exchange = threading.Lock()
         self._pending: Optional[Dict[str, torch.Tensor]] = None
+        # Bumped by reset: a state taken before a reset is never handed over after it.
+        self._generation = 0
         self.published = 0  # prediction states the adapter handed over
         self.loaded = 0     # of them loaded by the predictor (older ones are skipped)
 
@@ -140,17 +148,24 @@ class SplitPipeline:
         self.adapter.add_supervision(frame, point_index, labels)
 
     def _publish(self) -> None:
+        with self._exchange:
+            generation = self._generation
         state = self.adapter.prediction_state()
         with self._exchange:
+            if generation != self._generation:
+                return  # reset while the state was taken: it is the old one
             self._pending = state
             self.published += 1
 
     def reset(self) -> None:
         """Both sides back to the source model."""
-        self.adapter.reset()
-        with self._exchange:
-            self._pending = None
-        self.predictor.reset()
+        # Before and after: a hand-over that read the generation in between may have
+        # taken the state just before the adapter's reset.
+        for reset in (self.adapter.reset, self.predictor.reset):
+            with self._exchange:
+                self._generation += 1
+                self._pending = None
+            reset()
 
     def reset_window(self) -> None:
         """Forget the adapter's buffered frames."""
@@ -182,14 +197,16 @@ def labels_apart(params) -> bool:
 
     With worker.split the predictor labels each frame with the state of the adapter's
     last step. That is the paper's protocol (predict, then adapt, each frame) unless the
-    adapter skips frames (adapt_every > 1) or the source calibration is on: the predictor
-    then calibrates to the source confidence of the adapter's last frame, not its own
-    (tta/calibration.py). Source-only adapts nothing and never splits.
+    adapter skips frames (adapt_every > 1), or a reusable part decides per frame: the
+    source fallback picks the source or the adapted prediction with the agreements up to
+    the previous frame (its step counts the frame itself), and the calibration uses the
+    source confidence of the adapter's last frame, not its own (tta/calibration.py).
+    Source-only adapts nothing and never splits.
     """
     adaptation = params.pipeline.adaptation
     if not params.split or adaptation.method == 'source':
         return False
-    return params.adapt_every > 1 or adaptation.calibrate
+    return params.adapt_every > 1 or adaptation.calibrate or adaptation.fallback
 
 
 class NodeProtocol:

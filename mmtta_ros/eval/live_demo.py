@@ -233,7 +233,8 @@ def run_live(method: str, checkpoint: Path, bag: Path, out_dir: Path, rate: floa
         player = subprocess.Popen(player_cmd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         _spin_until(executor, lambda: player.poll() is not None, 600.0)
-        cpu['after_player'] = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if player.poll() is not None:  # reaped: its CPU is in the children's usage now
+            cpu['after_player'] = resource.getrusage(resource.RUSAGE_CHILDREN)
         # Let the node finish the pair it is working on (or every queued one).
         last = [len(recorder.outputs), time.monotonic()]
 

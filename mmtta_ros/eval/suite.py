@@ -221,9 +221,12 @@ def row_values(row: Row, checkpoint: PathLike, params_file: Optional[PathLike] =
         # node's configuration (`default`, rows without a method) takes a branch from the
         # source model, unless the row sets it.
         values['adaptation.source_branch'] = 'none'
-        # Likewise its own branches' confidences, fused as xMUDA scores 2D+3D (the mean).
+        # Likewise its own branches' confidences, fused as xMUDA scores 2D+3D (the mean),
+        # in the paper's protocol (each frame adapted on, then labeled: the node with
+        # worker.split false); the node's own configuration rows run its split.
         values['adaptation.calibrate'] = False
         values['output.fusion'] = 'mean'
+        values['worker.split'] = False
     method = values.get('adaptation.method', 'mmtta')
     for key, value in row.settings.items():
         name = key if '.' in key else f'adaptation.{method}.{key}'
@@ -392,6 +395,11 @@ _SCORED_UNLESS = {'model.precision': 'fp32', 'adaptation.source_branch': 'none',
                   'output.fusion': 'mean'}
 
 
+# The version of the node's split protocol as the records scored it: 2 since the predictor
+# calibrates to the adapter's last frame and the fallback decides on the previous frames.
+NODE_PROTOCOL_VERSION = 2
+
+
 def scored_values(values: Mapping[str, Any]) -> Dict[str, Any]:
     """Return the parameter values a record depends on (see _SCORED), JSON-ready."""
     method_prefix = f'adaptation.{values.get("adaptation.method")}.'
@@ -403,9 +411,12 @@ def scored_values(values: Mapping[str, Any]) -> Dict[str, Any]:
             del scored[name]
     from mmtta_ros.core.realtime import labels_apart  # torch: only where records are keyed
     # Only the table's parameters decide the protocol (a record may name others).
-    if not labels_apart(node_params({k: v for k, v in values.items() if k in SPECS})):
-        # Split with every frame adapted, uncalibrated, labels as the paper's protocol does
-        # (tested): one record for both.
+    if labels_apart(node_params({k: v for k, v in values.items() if k in SPECS})):
+        # The node's split protocol (core/realtime.NodeProtocol): its version is scored,
+        # so a change to how the split labels makes its records run again.
+        scored['worker.protocol'] = NODE_PROTOCOL_VERSION
+    else:
+        # Split labels as the paper's protocol does (tested): one record for both.
         scored.pop('worker.split', None)
         scored.pop('worker.adapt_every', None)
     if scored.get('labels.mode', 'none') == 'none':

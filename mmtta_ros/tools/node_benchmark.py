@@ -19,24 +19,28 @@ from mmtta_ros.bags.playback import read_topics
 from mmtta_ros.bags.reader import BagFrameReader
 from mmtta_ros.core.builder import build_pipeline
 from mmtta_ros.core.params import default_params_file, node_params, read_params_file
+from mmtta_ros.core.realtime import configure_split_threads
 from mmtta_ros.eval.live_demo import ensure_demo_bag, ensure_source_model, run_live
 from mmtta_ros.ros.dds_profile import dds_environment, PROFILES_VARIABLE
 from mmtta_ros.synth import T_CAM_FROM_LIDAR
 
 
-def offline_step_seconds(checkpoint: Path, bag: Path, method: str, frames: int
-                         ) -> Tuple[float, float]:
+def offline_step_seconds(checkpoint: Path, bag: Path, method: str, frames: int,
+                         threads: int = 0, device: str = 'cpu') -> Tuple[float, float]:
     """
     Return median seconds of a step and of a prediction alone on the bag's frames (warm).
 
-    The node's settings; the step is Pipeline.process (adapt, then label), the prediction
+    The node's settings, its torch threads included (a split node's threads 0: half the
+    cores); the step is Pipeline.process (adapt, then label), the prediction
     Pipeline.predict right after it (what the node's predictor runs with worker.split).
     """
     values = read_params_file(default_params_file())
     values.update({'adaptation.method': method, 'model.checkpoint': str(checkpoint),
-                   'device': 'cpu'})
+                   'device': device, 'threads': threads})
     params = node_params(values)
     pipeline = build_pipeline(params.pipeline)
+    if params.split and method != 'source':
+        configure_split_threads(threads, pipeline.device)
     steps, predictions = [], []
     reader = BagFrameReader(bag, image_size=params.pipeline.model.image_size, sync=params.sync,
                             T_cam_from_lidar=T_CAM_FROM_LIDAR)
@@ -91,7 +95,9 @@ def main(argv=None) -> int:
 
     live = run_live(args.method, checkpoint, bag, out_dir, args.rate, env, pictures=False,
                     parameters=parameters)
-    step, predict = offline_step_seconds(checkpoint, bag, args.method, args.offline_frames)
+    step, predict = offline_step_seconds(checkpoint, bag, args.method, args.offline_frames,
+                                         threads=int(parameters.get('threads', 0)),
+                                         device=str(parameters.get('device', 'cpu')))
     values = live['diagnostics']
 
     def figure(name, default='nan'):
@@ -125,13 +131,14 @@ def main(argv=None) -> int:
     labeled = max(1, int(values.get('frames_processed', 0)))
     node_cpu, worker, adapter = (figure('cpu_process_s'), figure('cpu_worker_s', '0'),
                                  figure('cpu_adapter_s', '0'))
+    player = 'n/a' if cpu['player'] is None else f'{cpu["player"]:.1f}'
     print(f'  CPU seconds over the run ({cpu["wall"]:.1f} s wall, {os.cpu_count()} CPUs)     '
           f'node {node_cpu:.1f} (worker {worker:.1f}, adapter {adapter:.1f}, the rest '
           f'{node_cpu - worker - adapter:.1f}: start-up, executor, DDS), player '
-          f'{cpu["player"]:.1f}, this recorder {cpu["recorder"]:.1f}')
+          f'{player}, this recorder {cpu["recorder"]:.1f}')
     print(f'  worker CPU per labeled pair           {worker / labeled * 1e3:.1f} ms  (against '
           f'{label_ms + figure("decode_ms") + figure("publish_ms"):.1f} ms wall: the rest is '
-          'waiting for a core)')
+          'waiting for a core, or for the GPU on cuda)')
     print(f'  adapt-and-label step alone, offline   {step * 1e3:.1f} ms  '
           f'(median of {args.offline_frames} frames of the same bag)')
     print(f'  prediction alone, offline             {predict * 1e3:.1f} ms  (the same frames; '

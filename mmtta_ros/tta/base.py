@@ -188,7 +188,9 @@ class AdaptationMethod:
         Return the prediction the method makes now, without adapting (no update, no stats).
 
         It is what `step` returns before its update, so a predictor that runs `predict` on
-        a copy kept in sync with `prediction_state` labels as the paper's protocol does.
+        a copy kept in sync with `prediction_state` labels as the paper's protocol does
+        (a wrapper that decides per frame, the source fallback or calibration, decides with
+        what the last step left it: `core.realtime.labels_apart`).
         """
         output = self._predict(inputs)
         check_output(output, self.name)

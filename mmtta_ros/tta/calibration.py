@@ -161,8 +161,10 @@ class SourceCalibration(MethodWrapper):
         saved = state.pop('calibration', None) or {}
         self.method.load_state_dict(state)
         targets = saved.get('targets')
-        self.targets = None if targets is None else {
-            branch: float(targets[branch]) for branch in self.branches}
+        # As load_prediction_state: a missing or NaN target means none.
+        self.targets = None if targets is None or any(
+            math.isnan(float(targets.get(branch, math.nan))) for branch in self.branches) \
+            else {branch: float(targets[branch]) for branch in self.branches}
 
     @staticmethod
     def _calibrated(prediction: Any, targets: Dict[str, torch.Tensor]) -> Any:
