@@ -191,6 +191,11 @@ class SplitPipeline:
         return self.adapter.device
 
 
+def splits(params) -> bool:
+    """Return whether the node (NodeParams `params`) predicts and adapts apart."""
+    return params.split and params.pipeline.adaptation.method != 'source'
+
+
 def labels_apart(params) -> bool:
     """
     Return whether the node (NodeParams `params`) labels otherwise than the paper's protocol.
@@ -204,9 +209,8 @@ def labels_apart(params) -> bool:
     Source-only adapts nothing and never splits.
     """
     adaptation = params.pipeline.adaptation
-    if not params.split or adaptation.method == 'source':
-        return False
-    return params.adapt_every > 1 or adaptation.calibrate or adaptation.fallback
+    return splits(params) and bool(params.adapt_every > 1 or adaptation.calibrate
+                                   or adaptation.fallback)
 
 
 class NodeProtocol:

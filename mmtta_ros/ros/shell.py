@@ -38,7 +38,7 @@ from mmtta_ros.core.labels import answer_from_cloud, LabelLoop, request_cloud
 from mmtta_ros.core.pairing import Mailbox, TimeJump
 from mmtta_ros.core.params import NODE_NAME, node_params, output_params
 from mmtta_ros.core.realtime import (
-    configure_split_threads, lower_thread_priority, restore_threads, SplitPipeline,
+    configure_split_threads, lower_thread_priority, restore_threads, SplitPipeline, splits,
     torch_threads)
 from mmtta_ros.core.state import StateKeeper
 from mmtta_ros.ros.diagnostics import diagnostic_array, NodeDiagnostics
@@ -73,7 +73,7 @@ class AdaptationShell:
         """Build the pipeline from self.params, resume a saved state, create the services."""
         pipeline = build_pipeline(self.params.pipeline, warn=self.get_logger().warning)
         # worker.split: label at inference cost, adapt on another thread (core/realtime.py).
-        self.split = self.params.split and pipeline.method_name != 'source'
+        self.split = splits(self.params)
         self._threads_before = configure_split_threads(
             self.params.pipeline.model.threads, pipeline.device) if self.split else None
         if self._threads_before is not None:

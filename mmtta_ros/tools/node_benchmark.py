@@ -19,7 +19,7 @@ from mmtta_ros.bags.playback import read_topics
 from mmtta_ros.bags.reader import BagFrameReader
 from mmtta_ros.core.builder import build_pipeline
 from mmtta_ros.core.params import default_params_file, node_params, read_params_file
-from mmtta_ros.core.realtime import configure_split_threads
+from mmtta_ros.core.realtime import configure_split_threads, splits
 from mmtta_ros.eval.live_demo import ensure_demo_bag, ensure_source_model, run_live
 from mmtta_ros.ros.dds_profile import dds_environment, PROFILES_VARIABLE
 from mmtta_ros.synth import T_CAM_FROM_LIDAR
@@ -39,7 +39,7 @@ def offline_step_seconds(checkpoint: Path, bag: Path, method: str, frames: int,
                    'device': device, 'threads': threads})
     params = node_params(values)
     pipeline = build_pipeline(params.pipeline)
-    if params.split and method != 'source':
+    if splits(params):  # the node's threads, as the node sets them
         configure_split_threads(threads, pipeline.device)
     steps, predictions = [], []
     reader = BagFrameReader(bag, image_size=params.pipeline.model.image_size, sync=params.sync,
@@ -121,11 +121,11 @@ def main(argv=None) -> int:
           f'{label_ms:.1f} (project {figure("project_ms"):.1f}, model {figure("model_ms"):.1f}, '
           f'encode {figure("encode_ms"):.1f}), publish {figure("publish_ms"):.1f}, adapt '
           f'{figure("adapt_ms"):.1f} ms')
-    rates = (f'{float(values.get("adaptation_steps", 0)) / args.duration * args.rate:.1f} Hz '
-             f'adapted, {float(values.get("frames_processed", 0)) / args.duration * args.rate:.1f}'
-             f' Hz labeled, of {float(values.get("sync_sets", 0)) / args.duration * args.rate:.1f}'
-             ' Hz matched')
-    print(f'  rates over the bag\'s duration         {rates}')
+
+    def rate(name):  # per second of the replay: the bag's duration at this rate
+        return float(values.get(name, 0)) / args.duration * args.rate
+    print(f'  rates over the bag\'s duration         {rate("adaptation_steps"):.1f} Hz adapted, '
+          f'{rate("frames_processed"):.1f} Hz labeled, of {rate("sync_sets"):.1f} Hz matched')
     print(f'  median end-to-end / label stage       {live["latency_ms_median"] / label_ms:.2f}')
     cpu = live['cpu_seconds']
     labeled = max(1, int(values.get('frames_processed', 0)))
